@@ -1,0 +1,195 @@
+"""HybridConfig: the one description of a nestlm model, with presets.
+
+A config is a plain dataclass of primitives so it round-trips through JSON / YAML and Lightning
+checkpoints (weights_only loading). Every field is validated in `__post_init__`; a bad value
+raises a one-line ValueError naming the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+MIXERS = ("attn", "swa", "mamba", "mamba2", "memory", "hope")
+CHANNEL_MIXERS = ("mlp", "cms")
+
+# Compact pattern letters: "A" attn, "W" swa, "M" mamba, "S" mamba2 (SSD), "T" memory (Titans),
+# "H" hope. "AMSS" == ["attn", "mamba", "mamba2", "mamba2"]; "(MS)*3" repeats a group.
+PATTERN_LETTERS = {"A": "attn", "W": "swa", "M": "mamba", "S": "mamba2", "T": "memory", "H": "hope"}
+
+
+def _err(name: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"HybridConfig.{name}={value!r} is invalid: expected {allowed}")
+
+
+def parse_layers(spec: str | list[str] | tuple[str, ...]) -> list[str]:
+    """Expand a layer spec into a list of mixer names.
+
+    Accepts a list of names, a comma-separated string ("attn,mamba2"), or a compact pattern
+    ("AMSS", "(SSA)*4", "W S S H" with spaces ignored).
+    """
+    if isinstance(spec, (list, tuple)):
+        names = [str(s) for s in spec]
+    elif isinstance(spec, str):
+        s = spec.strip()
+        if "," in s or s in MIXERS:
+            names = [p.strip() for p in s.split(",") if p.strip()]
+        else:
+            s = s.replace(" ", "")
+            # expand groups "(XY)*n" and single letters "X*n"
+            prev = None
+            while prev != s:
+                prev = s
+                s = re.sub(r"\(([A-Z]+)\)\*(\d+)", lambda m: m.group(1) * int(m.group(2)), s)
+                s = re.sub(r"([A-Z])\*(\d+)", lambda m: m.group(1) * int(m.group(2)), s)
+            bad = [c for c in s if c not in PATTERN_LETTERS]
+            if bad or not s:
+                raise _err("layers", spec, f"a list of {MIXERS} or a pattern of letters {''.join(PATTERN_LETTERS)}")
+            names = [PATTERN_LETTERS[c] for c in s]
+    else:
+        raise _err("layers", spec, "a list of layer names or a pattern string")
+    for n in names:
+        if n not in MIXERS:
+            raise _err("layers", spec, f"entries in {MIXERS}")
+    if not names:
+        raise _err("layers", spec, "at least one layer")
+    return names
+
+
+@dataclass
+class HybridConfig:
+    """Configuration of a HybridLM.
+
+    Blocks are `x = x + mixer(norm(x)); x = x + channel_mixer(norm(x))`; `layers[i]` names the mixer
+    of block i and `channel_mixers[i]` (or the single `channel_mixer`) its channel mixer.
+    """
+
+    vocab_size: int = 512
+    d_model: int = 128
+    layers: Any = field(default_factory=lambda: ["attn", "mamba2"])
+    channel_mixer: str = "mlp"
+    channel_mixers: list[str] | None = None  # per block; overrides channel_mixer when given
+    mlp_ratio: float = 8 / 3  # SwiGLU hidden = round_up(mlp_ratio * d_model, 64)
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    # attention / swa
+    n_heads: int = 4
+    n_kv_heads: int | None = None
+    window: int = 256  # sliding window of `swa` layers, in tokens
+    rope_theta: float = 10000.0
+    # mamba (Mamba-1)
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    # mamba2 (SSD)
+    ssm_d_state: int = 64
+    ssm_headdim: int = 64
+    ssm_ngroups: int = 1
+    ssm_chunk_size: int = 64
+    # memory (Titans) / hope: see nestlm.layers.memory / hope
+    mem_heads: int = 4
+    mem_head_dim: int = 32
+    mem_depth: int = 2
+    mem_chunk_size: int = 16
+    mem_max_lr: float = 0.1
+    mem_first_order: bool = False
+    hope_chunk_size: int = 16  # chunk of the memories that produce k, v, lr, decay
+    # cms: update periods in tokens, one per level; None = an ordinary MLP level
+    cms_periods: list[int | None] = field(default_factory=lambda: [None, 16, 64])
+    cms_lr: float = 0.01
+    # reset policy per stateful component: "episode" resets at episode starts, "persistent" keeps
+    reset_policy: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.layers = parse_layers(self.layers)
+        self._check_int("vocab_size", 2)
+        self._check_int("d_model", 8)
+        self._check_int("n_heads", 1)
+        if self.n_kv_heads is not None:
+            self._check_int("n_kv_heads", 1)
+            if self.n_heads % self.n_kv_heads:
+                raise _err("n_kv_heads", self.n_kv_heads, f"a divisor of n_heads={self.n_heads}")
+        if self.d_model % self.n_heads:
+            raise _err("n_heads", self.n_heads, f"a divisor of d_model={self.d_model}")
+        if (self.d_model // self.n_heads) % 2:
+            raise _err("n_heads", self.n_heads, "a head dim d_model/n_heads that is even (RoPE)")
+        for name in ("window", "d_state", "d_conv", "expand", "ssm_d_state", "ssm_headdim", "ssm_ngroups",
+                     "ssm_chunk_size", "mem_heads", "mem_head_dim", "mem_chunk_size", "hope_chunk_size"):
+            self._check_int(name, 1)
+        if self.mem_depth not in (1, 2):
+            raise _err("mem_depth", self.mem_depth, "1 (linear memory) or 2 (2-layer MLP memory)")
+        if "mamba2" in self.layers:
+            d_inner = self.expand * self.d_model
+            if d_inner % self.ssm_headdim:
+                raise _err("ssm_headdim", self.ssm_headdim, f"a divisor of expand*d_model={d_inner}")
+            if (d_inner // self.ssm_headdim) % self.ssm_ngroups:
+                raise _err("ssm_ngroups", self.ssm_ngroups, "a divisor of the number of SSD heads")
+        if not (isinstance(self.mlp_ratio, (int, float)) and self.mlp_ratio > 0):
+            raise _err("mlp_ratio", self.mlp_ratio, "a positive number")
+        if not (isinstance(self.norm_eps, (int, float)) and 0 < self.norm_eps < 1):
+            raise _err("norm_eps", self.norm_eps, "a number in (0, 1)")
+        if not (isinstance(self.mem_max_lr, (int, float)) and self.mem_max_lr > 0):
+            raise _err("mem_max_lr", self.mem_max_lr, "a positive number")
+        if self.channel_mixer not in CHANNEL_MIXERS:
+            raise _err("channel_mixer", self.channel_mixer, f"one of {CHANNEL_MIXERS}")
+        if self.channel_mixers is not None:
+            self.channel_mixers = list(self.channel_mixers)
+            if len(self.channel_mixers) != len(self.layers):
+                raise _err("channel_mixers", self.channel_mixers, f"a list of {len(self.layers)} entries (one per layer)")
+            for c in self.channel_mixers:
+                if c not in CHANNEL_MIXERS:
+                    raise _err("channel_mixers", self.channel_mixers, f"entries in {CHANNEL_MIXERS}")
+        self.cms_periods = list(self.cms_periods)
+        if not self.cms_periods:
+            raise _err("cms_periods", self.cms_periods, "at least one level")
+        for p in self.cms_periods:
+            if p is not None and (not isinstance(p, int) or isinstance(p, bool) or p < 1):
+                raise _err("cms_periods", self.cms_periods, "entries that are positive ints or None")
+        for k, v in self.reset_policy.items():
+            if v not in ("episode", "persistent"):
+                raise _err("reset_policy", {k: v}, "values 'episode' or 'persistent'")
+
+    def _check_int(self, name: str, lo: int) -> None:
+        v = getattr(self, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+            raise _err(name, v, f"an int >= {lo}")
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    def channel_mixer_of(self, i: int) -> str:
+        return self.channel_mixers[i] if self.channel_mixers is not None else self.channel_mixer
+
+    # --- serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> HybridConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"HybridConfig: unknown field(s) {unknown}; allowed: {sorted(known)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def config_hash(self) -> str:
+        """Short stable hash of the architecture (state compatibility, eval reports)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    # --- presets ----------------------------------------------------------------------------
+    @classmethod
+    def preset(cls, name: str, size: str = "tiny", **overrides: Any) -> HybridConfig:
+        from nestlm.models.presets import preset_dict
+
+        d = preset_dict(name, size)
+        d.update(overrides)
+        return cls(**d)

@@ -1,0 +1,60 @@
+"""Named architectures at named sizes. `HybridConfig.preset(name, size)` reads this table;
+configs/model/<name>-<size>.yaml holds the same values (tests check they agree)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+SIZES: dict[str, dict[str, Any]] = {
+    # ~1-3M parameters: trains on a laptop CPU in minutes.
+    "tiny": dict(vocab_size=512, d_model=128, n_heads=4, window=128, ssm_headdim=32, ssm_d_state=32,
+                 ssm_chunk_size=64, mem_heads=4, mem_head_dim=32, mem_chunk_size=16, hope_chunk_size=16,
+                 cms_periods=[None, 16, 64]),
+    # ~125M parameters (GPT-2 small scale).
+    "125m": dict(vocab_size=50304, d_model=768, n_heads=12, window=2048, ssm_headdim=64, ssm_d_state=128,
+                 ssm_chunk_size=256, mem_heads=12, mem_head_dim=64, mem_chunk_size=64, hope_chunk_size=16,
+                 cms_periods=[None, 512, 2048]),
+}
+
+N_BLOCKS = {"tiny": 6, "125m": 12}
+
+
+def _layers(name: str, n: int) -> tuple[list[str], str | list[str]]:
+    """Mixer list and channel mixer(s) of preset `name` with n blocks."""
+    rep = lambda group: (group * n)[:n]  # noqa: E731 — repeat a group to n blocks
+    if name == "transformer":
+        return rep(["attn"]), "mlp"
+    if name == "swa-transformer":
+        return rep(["swa"]), "mlp"
+    if name == "mamba":
+        return rep(["mamba"]), "mlp"
+    if name == "mamba2":
+        return rep(["mamba2"]), "mlp"
+    if name == "samba":  # Mamba + SWA interleaved (Ren et al. 2024)
+        return rep(["mamba", "swa"]), "mlp"
+    if name == "titans":  # memory-as-layer: neural memory followed by sliding-window attention
+        return rep(["memory", "swa"]), "mlp"
+    if name == "hope":  # self-modifying Titans + CMS in every block
+        return rep(["hope"]), "cms"
+    if name == "hope-hybrid":  # the flagship: SSM for running state, SWA for exact local copy, HOPE memory
+        layers = rep(["mamba2", "swa", "hope"])
+        return layers, ["cms" if m == "hope" else "mlp" for m in layers]
+    raise ValueError(f"HybridConfig.preset name={name!r} is invalid: expected one of {PRESETS}")
+
+
+PRESETS = ("transformer", "swa-transformer", "mamba", "mamba2", "samba", "titans", "hope", "hope-hybrid")
+
+
+def preset_dict(name: str, size: str = "tiny") -> dict[str, Any]:
+    if size not in SIZES:
+        raise ValueError(f"HybridConfig.preset size={size!r} is invalid: expected one of {tuple(SIZES)}")
+    if name not in PRESETS:
+        raise ValueError(f"HybridConfig.preset name={name!r} is invalid: expected one of {PRESETS}")
+    d = dict(SIZES[size])
+    layers, ch = _layers(name, N_BLOCKS[size])
+    d["layers"] = layers
+    if isinstance(ch, list):
+        d["channel_mixers"] = ch
+    else:
+        d["channel_mixer"] = ch
+    return d
