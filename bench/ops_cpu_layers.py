@@ -4,9 +4,11 @@ What a CPU user would otherwise run: transformers' `MambaMixer` (token loop over
 `Mamba2Mixer` (chunked SSD in PyTorch), both on their pure-PyTorch path. Both sides get the same
 weights (our layers load the transformers state dicts), so the table also reports how far the
 outputs agree. Timed: forward + backward of one layer, fp32, batch 2, d_model 128, expand 2,
-d_state 16; Mamba2 headdim 32, chunk 64.
+d_state 16; Mamba2 headdim 32, chunk 64; best of --repeats runs (median stored too), the two sides
+interleaved.
 
-    python bench/ops_cpu_layers.py [--lengths 1024,4096] [--repeats 3] [--hf-mamba-max-len 1024]
+    python bench/ops_cpu_layers.py [--lengths 1024,4096] [--layers mamba,mamba2] [--repeats 3]
+                                   [--hf-mamba-max-len 1024]
 
 Prints a table and stores the rows under "layers" in bench/results/ops_cpu.json (other sections of
 that file are kept). `bench/ops_cpu.py` runs the same section via `layer_section()`.
@@ -36,20 +38,33 @@ RESULTS = Path(__file__).parent / "results" / "ops_cpu.json"
 BATCH, D_MODEL, EXPAND, D_STATE, HEADDIM, CHUNK = 2, 128, 2, 16, 32, 64
 
 
-def fwd_bwd_seconds(layer, x: torch.Tensor, repeats: int, warmup: int) -> tuple[float, torch.Tensor]:
-    """Median seconds of forward + backward (loss = sum(y * w)), and the output of the last run."""
+def fwd_bwd(layer, x: torch.Tensor, w: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """Wall seconds of one forward + backward (loss = sum(y * w)), and the output."""
+    layer.zero_grad(set_to_none=True)
+    xi = x.detach().requires_grad_(True)
+    t0 = time.perf_counter()
+    y = layer(xi)
+    y = y[0] if isinstance(y, tuple) else y
+    (y * w).sum().backward()
+    return time.perf_counter() - t0, y.detach()
+
+
+def time_pair(ours, theirs, x: torch.Tensor, repeats: int, theirs_repeats: int | None):
+    """Best-of-`repeats` fwd+bwd seconds of both layers, runs interleaved (ours, theirs, ours, ...)
+    so that load from other processes hits both alike. theirs_repeats=None skips `theirs`; a slow
+    `theirs` gets fewer runs and no warm-up."""
     w = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
-    times = []
-    for i in range(warmup + repeats):
-        layer.zero_grad(set_to_none=True)
-        xi = x.detach().requires_grad_(True)
-        t0 = time.perf_counter()
-        y = layer(xi)
-        y = y[0] if isinstance(y, tuple) else y
-        (y * w).sum().backward()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times), y.detach()
+    fwd_bwd(ours, x, w)  # warm-up
+    if theirs_repeats is not None and theirs_repeats >= repeats:
+        fwd_bwd(theirs, x, w)
+    t_ours, t_theirs, y_ours, y_theirs = [], [], None, None
+    for i in range(repeats):
+        t, y_ours = fwd_bwd(ours, x, w)
+        t_ours.append(t)
+        if theirs_repeats is not None and i < theirs_repeats:
+            t, y_theirs = fwd_bwd(theirs, x, w)
+            t_theirs.append(t)
+    return t_ours, t_theirs, y_ours, y_theirs
 
 
 def make_pair(kind: str):
@@ -74,24 +89,28 @@ def make_pair(kind: str):
     return ours, theirs
 
 
-def layer_section(lengths=(1024, 4096), repeats: int = 3, hf_mamba_max_len: int = 1024) -> list[dict]:
+def layer_section(lengths=(1024, 4096), repeats: int = 3, hf_mamba_max_len: int = 1024,
+                  layers=("mamba", "mamba2")) -> list[dict]:
     """Time our layers and the transformers mixers; one row per (layer, L)."""
     logging.getLogger("transformers").setLevel(logging.ERROR)
     rows = []
     for kind, hf_name in (("mamba", "MambaMixer"), ("mamba2", "Mamba2Mixer")):
+        if kind not in layers:
+            continue
         ours, theirs = make_pair(kind)
         for L in lengths:
             x = torch.randn(BATCH, L, D_MODEL, generator=torch.Generator().manual_seed(L))
-            t_ours, y_ours = fwd_bwd_seconds(ours, x, repeats, warmup=1)
-            row = {"layer": kind, "L": L, "batch": BATCH, "ours_s": t_ours,
-                   "ours_tok_s": BATCH * L / t_ours, "hf": hf_name}
-            if kind == "mamba" and L > hf_mamba_max_len:
-                row.update(hf_s=None, hf_tok_s=None, speedup=None, max_rel_diff=None)
+            # The transformers Mamba-1 token loop takes minutes per call: one run, no warm-up.
+            hf_repeats = repeats if kind == "mamba2" else 1 if L <= hf_mamba_max_len else None
+            t_ours, t_hf, y_ours, y_hf = time_pair(ours, theirs, x, repeats, hf_repeats)
+            best = min(t_ours)
+            row = {"layer": kind, "L": L, "batch": BATCH, "ours_s": best,
+                   "ours_s_median": statistics.median(t_ours), "ours_tok_s": BATCH * L / best, "hf": hf_name}
+            if not t_hf:
+                row.update({k: None for k in ("hf_s", "hf_s_median", "hf_tok_s", "speedup", "max_rel_diff")})
             else:
-                # The transformers Mamba-1 token loop takes minutes per call: time it once, no warm-up.
-                slow = kind == "mamba"
-                t_hf, y_hf = fwd_bwd_seconds(theirs, x, 1 if slow else repeats, warmup=0 if slow else 1)
-                row.update(hf_s=t_hf, hf_tok_s=BATCH * L / t_hf, speedup=t_hf / t_ours,
+                row.update(hf_s=min(t_hf), hf_s_median=statistics.median(t_hf),
+                           hf_tok_s=BATCH * L / min(t_hf), speedup=min(t_hf) / best,
                            max_rel_diff=((y_ours - y_hf).abs().max() / y_hf.abs().max()).item())
             rows.append(row)
             print_row(row)
@@ -130,6 +149,7 @@ def store(section: str, payload: dict, path: Path = RESULTS) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", default="1024,4096")
+    ap.add_argument("--layers", default="mamba,mamba2")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--hf-mamba-max-len", type=int, default=1024,
                     help="longest L at which transformers' MambaMixer token loop is timed")
@@ -140,7 +160,7 @@ def main() -> None:
     print(f"layers fwd+bwd, fp32, batch {BATCH}, d_model {D_MODEL}; {env['device']}, {env['threads']} "
           f"threads, torch {env['torch']}, transformers {env['transformers']}")
     print_header()
-    rows = layer_section(lengths, args.repeats, args.hf_mamba_max_len)
+    rows = layer_section(lengths, args.repeats, args.hf_mamba_max_len, args.layers.split(","))
     config = {"batch": BATCH, "d_model": D_MODEL, "expand": EXPAND, "d_state": D_STATE,
               "mamba2_headdim": HEADDIM,
               "mamba2_chunk": CHUNK, "dtype": "float32", "repeats": args.repeats}
