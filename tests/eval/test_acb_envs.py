@@ -85,7 +85,8 @@ def test_splits_use_disjoint_names_and_train_is_capped():
         generate_episode("shell", 201, 0, "train")
     with pytest.raises(ValueError, match="env='nope'"):
         generate_episode("nope", 10, 0)
-    with pytest.raises(ValueError, match="split='dev'"):
+    assert generate_episode("ledger", 50, 0, "val").text != generate_episode("ledger", 50, 0, "train").text
+    with pytest.raises(ValueError, match="split=.dev."):
         generate_episode("ledger", 10, 0, "dev")
 
 

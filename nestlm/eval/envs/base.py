@@ -19,7 +19,8 @@ from typing import Any
 
 from nestlm.eval.tokenizer import KEYWORDS, SYLLABLES, get_tokenizer
 
-SPLITS = ("train", "test")
+# "val" is the train distribution (pools, templates, parameters) with its own episode seeds
+SPLITS = ("train", "val", "test")
 MAX_TRAIN_STEPS = 200
 
 
@@ -81,6 +82,7 @@ def name_pool(split: str) -> list[str]:
     About a fifth of all combinations is held out for the test split, chosen by a fixed hash, so
     every syllable occurs in both pools but no test name occurs in training.
     """
+    split = param_split(split)
     names = [a + b for a in SYLLABLES for b in SYLLABLES if a + b not in KEYWORDS]
     test = [n for n in names if zlib.crc32(n.encode()) % 5 == 0]
     if split == "test":
@@ -93,10 +95,16 @@ def check_args(env: str, n_steps: int, seed: int, split: str) -> None:
         raise ValueError(f"split={split!r} is invalid: expected one of {SPLITS}")
     if not isinstance(n_steps, int) or isinstance(n_steps, bool) or n_steps < 1:
         raise ValueError(f"n_steps={n_steps!r} is invalid: expected an int >= 1")
-    if split == "train" and n_steps > MAX_TRAIN_STEPS:
-        raise ValueError(f"n_steps={n_steps} is invalid for split='train': expected <= {MAX_TRAIN_STEPS}")
+    if split != "test" and n_steps > MAX_TRAIN_STEPS:
+        raise ValueError(f"n_steps={n_steps} is invalid for split={split!r}: expected <= {MAX_TRAIN_STEPS} "
+                         "(longer episodes are test-only)")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"seed={seed!r} is invalid: expected an int")
+
+
+def param_split(split: str) -> str:
+    """Which parameter / template / name set a split uses ("val" shares the train set)."""
+    return "test" if split == "test" else "train"
 
 
 def make_rng(env: str, split: str, seed: int, n_steps: int) -> random.Random:

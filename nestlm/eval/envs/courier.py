@@ -28,7 +28,15 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-from nestlm.eval.envs.base import Writer, check_args, final_window, make_rng, name_pool, pick_by_lag
+from nestlm.eval.envs.base import (
+    Writer,
+    check_args,
+    final_window,
+    make_rng,
+    name_pool,
+    param_split,
+    pick_by_lag,
+)
 
 DIRS = {"n": (0, -1), "s": (0, 1), "e": (1, 0), "w": (-1, 0)}
 OPPOSITE = {"n": "s", "s": "n", "e": "w", "w": "e"}
@@ -78,7 +86,7 @@ def route(adj: dict[str, dict[str, str]], src: str, dst: str) -> list[tuple[str,
 
 def generate(n_steps: int, seed: int, split: str = "train"):
     check_args("courier", n_steps, seed, split)
-    P = PARAMS[split]
+    P = PARAMS[param_split(split)]
     T = P["templates"]
     rng = make_rng("courier", split, seed, n_steps)
     n_rooms, n_items = rng.choice(P["n_rooms"]), rng.choice(P["n_items"])

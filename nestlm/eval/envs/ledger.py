@@ -19,7 +19,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from nestlm.eval.envs.base import Writer, check_args, final_window, make_rng, name_pool, pick_by_lag
+from nestlm.eval.envs.base import (
+    Writer,
+    check_args,
+    final_window,
+    make_rng,
+    name_pool,
+    param_split,
+    pick_by_lag,
+)
 
 # one entry per split: the test split holds out parameter values and one template per message
 PARAMS: dict[str, dict[str, Any]] = {
@@ -38,7 +46,7 @@ P_PROBE_FINAL = 0.4  # probe rate in the scored final window
 
 def generate(n_steps: int, seed: int, split: str = "train"):
     check_args("ledger", n_steps, seed, split)
-    P = PARAMS[split]
+    P = PARAMS[param_split(split)]
     rng = make_rng("ledger", split, seed, n_steps)
     T = P["templates"]
     M = P["modulus"]

@@ -20,7 +20,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from nestlm.eval.envs.base import Writer, check_args, final_window, make_rng, name_pool, pick_by_lag
+from nestlm.eval.envs.base import (
+    Writer,
+    check_args,
+    final_window,
+    make_rng,
+    name_pool,
+    param_split,
+    pick_by_lag,
+)
 
 PARAMS: dict[str, dict[str, Any]] = {
     "train": dict(n_cups=[3, 4, 6], p_idle=[0.2, 0.5], reveal_gap=[5, 30], p_probe=0.15,
@@ -49,7 +57,7 @@ def apply_move(cups: list[str], move: list[str]) -> list[str]:
 
 def generate(n_steps: int, seed: int, split: str = "train"):
     check_args("shell", n_steps, seed, split)
-    P = PARAMS[split]
+    P = PARAMS[param_split(split)]
     rng = make_rng("shell", split, seed, n_steps)
     n = rng.choice(P["n_cups"])
     names = rng.sample(name_pool(split), n + 6)
