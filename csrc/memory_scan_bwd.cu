@@ -257,7 +257,7 @@ int launch_bwd(const MemoryScanBwdArgs& p, cudaStream_t stream) {
                                          static_cast<int>(smem));
   if (err != cudaSuccess) return static_cast<int>(err);
   const int grid = p.shape.batch * p.shape.heads * (p.shape.dv / ROWS);
-  kernel<<<grid, kThreads, smem, stream>>>(p);
+  NESTLM_LAUNCH(kernel, grid, kThreads, smem, stream, p);
   return static_cast<int>(cudaGetLastError());
 }
 

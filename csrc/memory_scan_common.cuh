@@ -8,6 +8,12 @@
 
 #include "memory_scan.h"
 
+// Kernel launch; a host-side emulator (tests/csrc_emu) supplies its own definition to run the
+// kernels on the CPU.
+#ifndef NESTLM_LAUNCH
+#define NESTLM_LAUNCH(kernel, grid, block, smem, stream, args) kernel<<<grid, block, smem, stream>>>(args)
+#endif
+
 namespace nestlm {
 namespace detail {
 
