@@ -118,18 +118,27 @@ class NestLM(L.LightningModule):
         return loss / n.clamp(min=1), n
 
     def _incoming_state(self, batch: dict[str, torch.Tensor]) -> State | None:
+        """The state a batch starts from: carried over, except fresh for rows flagged `reset`."""
         reset = batch.get("reset")
         if reset is None or self._carry is None:
             return None
+        reset = reset.to(torch.bool)
+        if bool(reset.all()):
+            return None
+        if not bool(reset.any()):
+            return self._carry
         fresh = self.model.init_state(batch_size=reset.shape[0])
-        keep = ~reset.to(torch.bool)
+        keep = ~reset
 
-        def pick(carried: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        def pick(name: str, carried: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+            if carried.shape != new.shape:  # e.g. a full-attention KV cache, whose length the rows share
+                raise ValueError(f"NestLM: cannot reset some rows of state tensor {name} of shape "
+                                 f"{tuple(carried.shape)} (a fresh one has {tuple(new.shape)}); reset whole batches")
             m = keep.view(-1, *([1] * (carried.dim() - 1))).to(carried.device)
             return torch.where(m, carried, new.to(device=carried.device, dtype=carried.dtype))
 
-        blocks = [{p: {n: pick(c[p][n], f[p][n]) for n in c[p]} for p in c} for c, f in
-                  zip(self._carry.blocks, fresh.blocks)]
+        blocks = [{p: {n: pick(f"blocks.{i}.{p}.{n}", c[p][n], f[p][n]) for n in c[p]} for p in c}
+                  for i, (c, f) in enumerate(zip(self._carry.blocks, fresh.blocks))]
         return State(blocks, dict(self._carry.meta))
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -170,14 +179,14 @@ class NestLM(L.LightningModule):
         total = h.decay_steps or (self.trainer.max_steps if self.trainer.max_steps > 0 else None)
         if total is None:
             raise ValueError("NestLM.decay_steps is unset and trainer.max_steps is -1: set one of them")
-        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
-            opt, T_max=max(total - h.warmup_steps, 1), eta_min=h.lr * h.min_lr_ratio)
-        if h.warmup_steps > 0:
-            warmup = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1e-3, end_factor=1.0,
-                                                       total_iters=h.warmup_steps)
-            sched = torch.optim.lr_scheduler.SequentialLR(opt, [warmup, cosine], milestones=[h.warmup_steps])
-        else:
-            sched = cosine
+        sch = torch.optim.lr_scheduler
+        warm = h.warmup_steps if h.warmup_steps < total else 0
+        parts = [sch.LinearLR(opt, start_factor=1e-3, end_factor=1.0, total_iters=warm)] if warm else []
+        parts.append(sch.CosineAnnealingLR(opt, T_max=max(total - warm, 1), eta_min=h.lr * h.min_lr_ratio))
+        # past `total` the cosine would climb again: hold the floor instead
+        parts.append(sch.ConstantLR(opt, factor=h.min_lr_ratio, total_iters=2**62))
+        milestones = ([warm] if warm else []) + [total]
+        sched = sch.SequentialLR(opt, parts, milestones=milestones)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
     # --- throughput -------------------------------------------------------------------------
