@@ -184,9 +184,7 @@ def test_gradcheck_through_one_inner_update():
     W = r(1, h, d, d)
 
     def lin(q, k, v, lr, W):
-        return linear_memory_scan(
-            q, k, v, lr, mom, dec, W, torch.zeros_like(W), chunk_size=1, return_state=False
-        )[:, 1]
+        return linear_memory_scan(q, k, v, lr, mom, dec, W, torch.zeros_like(W), chunk_size=1, return_state=False)[:, 1]
 
     assert torch.autograd.gradcheck(lin, (q, k, v, lr, W))
     assert torch.autograd.gradgradcheck(lin, (q, k, v, lr, W))
@@ -309,9 +307,7 @@ def test_layer_state_none_equals_init_state_and_w0_learns():
     assert torch.equal(y1, y2)
     y2.pow(2).sum().backward()
     assert m.W0[0].grad.norm() > 0 and m.W0[1].grad.norm() > 0
-    assert getattr(m.W0[0], "_no_weight_decay", False) and getattr(
-        m.gate_proj.bias, "_no_weight_decay", False
-    )
+    assert getattr(m.W0[0], "_no_weight_decay", False) and getattr(m.gate_proj.bias, "_no_weight_decay", False)
 
 
 def test_layer_state_stays_fp32_under_bf16_autocast():
@@ -340,13 +336,11 @@ def test_layer_bad_inputs():
         NeuralMemory(24, 2, 6, depth=3)
 
 
-@pytest.mark.parametrize("depth,max_grad_norm", [(1, 1.0), (2, 1.0), (2, None)])
+@pytest.mark.parametrize("depth,max_grad_norm", [(1, 1.0), (2, None)])
 def test_long_stream_fp32_at_max_lr_stays_finite(depth, max_grad_norm):
     """20,000 tokens in fp32 with theta pinned at max_lr and strong momentum: no blow-up."""
     torch.manual_seed(0)
-    m = NeuralMemory(
-        32, n_heads=2, head_dim=16, depth=depth, chunk_size=32, max_lr=0.1, max_grad_norm=max_grad_norm
-    )
+    m = NeuralMemory(32, n_heads=2, head_dim=16, depth=depth, chunk_size=32, max_lr=0.1, max_grad_norm=max_grad_norm)
     with torch.no_grad():
         bias = m.gate_proj.bias.view(3, 2)
         bias[0].fill_(30.0)  # theta = max_lr

@@ -86,10 +86,10 @@ class NeuralMemory(nn.Module):
         first_order: cut the second-order path through the inner gradients (faster backward).
         gate: multiply the read by a sigmoid gate computed from x before o_proj.
         max_grad_norm: clip each token's inner gradient to this Frobenius norm (per head) before
-            it enters the momentum; None applies the plain rule. The default keeps the linear
-            memory finite at max_lr: with well-aligned keys, C gradients taken at one anchor act
-            like one step with C times the curvature, and heavy-ball momentum on top diverges.
-
+            it enters the momentum; None (default) applies the plain rule. The linear memory needs
+            it at large max_lr: with well-aligned keys the C gradients taken at one anchor act like
+            one step with C times the curvature, and momentum on top diverges (depth 1 at
+            max_lr=0.1, C=16 does at init); the LN inside the depth-2 memory bounds its steps.
     forward(x [b, t, d_model], state=None) -> (y [b, t, d_model], state)
 
     Setting `use_reference = True` runs the token-loop reference ops instead of the chunked ones
@@ -108,7 +108,7 @@ class NeuralMemory(nn.Module):
         conv_size: int = 4,
         first_order: bool = False,
         gate: bool = True,
-        max_grad_norm: float | None = 1.0,
+        max_grad_norm: float | None = None,
         ln_eps: float = 1e-5,
     ):
         super().__init__()
@@ -212,9 +212,7 @@ class NeuralMemory(nn.Module):
     def forward(self, x: torch.Tensor, state: dict[str, torch.Tensor] | None = None):
         """x [b, t, d_model] -> (y [b, t, d_model], state)."""
         if x.dim() != 3 or x.shape[-1] != self.d_model:
-            raise ValueError(
-                f"NeuralMemory input x has shape {tuple(x.shape)}: expected [batch, time, {self.d_model}]"
-            )
+            raise ValueError(f"NeuralMemory input x has shape {tuple(x.shape)}: expected [batch, time, {self.d_model}]")
         b, t, _ = x.shape
         h, d = self.n_heads, self.head_dim
         if state is None:
@@ -222,17 +220,13 @@ class NeuralMemory(nn.Module):
         self._check_state(state, b)
         pos = state["pos"]
         if b > 1 and bool((pos != pos[0]).any()):
-            raise ValueError(
-                "NeuralMemory state 'pos' differs across the batch: expected rows advanced together"
-            )
+            raise ValueError("NeuralMemory state 'pos' differs across the batch: expected rows advanced together")
         offset = int(pos[0]) % self.chunk_size
 
         qkv, conv_state = self.conv(self.qkv_proj(x), {"conv": state["conv"]})
         q, k, v = qkv.view(b, t, 3, h, d).unbind(2)
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-        theta, eta, alpha = (
-            torch.sigmoid(self.gate_proj(x).to(_state_dtype(x.dtype))).view(b, t, 3, h).unbind(2)
-        )
+        theta, eta, alpha = torch.sigmoid(self.gate_proj(x).to(_state_dtype(x.dtype))).view(b, t, 3, h).unbind(2)
         theta = theta * self.max_lr
 
         names = self._weight_names()

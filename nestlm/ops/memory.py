@@ -60,6 +60,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from nestlm.ops import backends
+
 Tensor = torch.Tensor
 Weights = tuple[Tensor, ...]
 
@@ -110,9 +112,7 @@ def mlp_memory_read(W: Weights, ln_weight: Tensor, ln_bias: Tensor, x: Tensor, e
 
 def _gelu_grad(h: Tensor) -> Tensor:
     """d gelu(h) / dh for the exact GELU: Phi(h) + h phi(h)."""
-    return 0.5 * (1.0 + torch.erf(h * (1.0 / math.sqrt(2.0)))) + h * torch.exp(-0.5 * h * h) / math.sqrt(
-        2.0 * math.pi
-    )
+    return 0.5 * (1.0 + torch.erf(h * (1.0 / math.sqrt(2.0)))) + h * torch.exp(-0.5 * h * h) / math.sqrt(2.0 * math.pi)
 
 
 def _linear_grad_factors(A: Weights, k: Tensor, v: Tensor) -> list[tuple[Tensor, Tensor]]:
@@ -159,9 +159,7 @@ def _check_args(name, q, k, v, lr, momentum, decay, W, S, W_anchor, chunk_size, 
     if not isinstance(offset, int) or not 0 <= offset < chunk_size:
         raise ValueError(f"{name}: offset={offset!r}: expected an int in [0, chunk_size={chunk_size})")
     if offset > 0 and W_anchor is None:
-        raise ValueError(
-            f"{name}: offset={offset} > 0 (continuing a chunk) needs W_anchor, the chunk's anchor"
-        )
+        raise ValueError(f"{name}: offset={offset} > 0 (continuing a chunk) needs W_anchor, the chunk's anchor")
     for nm, ws in (("W", W), ("S", S), ("W_anchor", W_anchor)):
         if ws is None:
             continue
@@ -427,6 +425,9 @@ def linear_memory_scan(
         offset: tokens of the current chunk consumed by earlier calls, in [0, C)
             (the absolute position modulo C).
         return_state: also return the final (W, S, W_anchor).
+            On CUDA tensors with the csrc kernel built (and first_order=False, max_grad_norm=None)
+            the fused kernel of nestlm.ops.memory_fused runs instead; NESTLM_BACKEND=torch forces
+            this PyTorch path.
         first_order: take the inner gradients with the anchor detached.
         max_grad_norm: if set, each token's inner gradient u_t (per head, Frobenius norm over all
             memory weights) is scaled by min(1, max_grad_norm / ||u_t||) before it enters the
@@ -440,23 +441,17 @@ def linear_memory_scan(
         token (a caller continuing with offset = (offset + l) % C passes it back as W_anchor).
     """
     W, S, W_anchor, shapes = _linear_args(q, v, W, S, W_anchor)
-    kernel = _cuda_kernel("linear_memory_scan", q)
-    if kernel is not None:
-        return kernel(
-            q,
-            k,
-            v,
-            lr,
-            momentum,
-            decay,
-            W[0],
-            S[0],
-            None if W_anchor is None else W_anchor[0],
-            chunk_size=chunk_size,
-            offset=offset,
-            return_state=return_state,
-            first_order=first_order,
-            max_grad_norm=max_grad_norm,
+    if (
+        q.device.type == "cuda"
+        and not first_order
+        and max_grad_norm is None
+        and backends.memory_scan_backend(q, v, chunk_size) == "csrc"
+    ):
+        from nestlm.ops.memory_fused import linear_memory_scan_fused
+
+        Wa = None if W_anchor is None else W_anchor[0]
+        return linear_memory_scan_fused(
+            q, k, v, lr, momentum, decay, W[0], S[0], Wa, chunk_size, offset, return_state, use_kernel=True
         )
     out = _run(
         "linear_memory_scan",
@@ -533,9 +528,7 @@ def _mlp_setup(name, q, v, W, S, W_anchor, ln_weight, ln_bias, eps):
     if v.shape[-1] != d:
         raise ValueError(f"{name}: v has {v.shape[-1]} dims: the residual MLP memory needs dv = dk = {d}")
     if len(W) != 2:
-        raise ValueError(
-            f"{name}: W has {len(W)} tensors: expected (W1 [b, h, hidden, dk], W2 [b, h, dv, hidden])"
-        )
+        raise ValueError(f"{name}: W has {len(W)} tensors: expected (W1 [b, h, hidden, dk], W2 [b, h, dv, hidden])")
     hid = W[0].shape[-2]
     for nm, p in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
         if p.shape != (h, d):
@@ -664,15 +657,3 @@ def mlp_memory_scan_ref(
         loss,
         shapes,
     )
-
-
-def _cuda_kernel(name: str, x: Tensor) -> Callable | None:
-    """A compiled kernel for `name` on x's device, if the backend registry offers one."""
-    if x.device.type != "cuda":
-        return None
-    try:
-        from nestlm.ops import backends
-    except ImportError:
-        return None
-    lookup = getattr(backends, "kernel", None)
-    return lookup(name, x) if lookup is not None else None
