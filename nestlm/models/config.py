@@ -140,7 +140,7 @@ class HybridConfig:
         if self.channel_mixers is not None:
             self.channel_mixers = list(self.channel_mixers)
             if len(self.channel_mixers) != len(self.layers):
-                raise _err("channel_mixers", self.channel_mixers, f"a list of {len(self.layers)} entries (one per layer)")
+                raise _err("channel_mixers", self.channel_mixers, f"{len(self.layers)} entries, one per layer")
             for c in self.channel_mixers:
                 if c not in CHANNEL_MIXERS:
                     raise _err("channel_mixers", self.channel_mixers, f"entries in {CHANNEL_MIXERS}")

@@ -83,9 +83,9 @@ class State:
     def clone(self) -> State:
         return self.map(lambda t: t.clone())
 
-    def to(self, *args, **kwargs) -> State:
-        return self.map(lambda t: t.to(*args, **kwargs) if t.is_floating_point() else t.to(
-            device=kwargs.get("device", args[0] if args and not isinstance(args[0], torch.dtype) else None)))
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> State:
+        """Move tensors to `device`; cast floating-point tensors to `dtype` (counters stay int64)."""
+        return self.map(lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else None))
 
     def continued(self, tokens: int, config_hash: str | None) -> dict[str, Any]:
         """Metadata for the state that follows this one after `tokens` more tokens."""

@@ -1,0 +1,179 @@
+"""Shared pieces of the agent environments: episodes, probes, name pools, the trajectory writer.
+
+Format (one line per step, see docs/benchmark.md):
+
+    [P] <briefing> [/P]                       step 0: rules and facts
+    [O] <observation> [A] <answer> [E]        an agent step
+    [Q] <question> [A] <answer> [E]           a probe step (does not change the world)
+
+`Episode.tokens` is `<bos>` followed by the tokens of `Episode.text`; every span below indexes it.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from nestlm.eval.tokenizer import KEYWORDS, SYLLABLES, get_tokenizer
+
+# "val" is the train distribution (pools, templates, parameters) with its own episode seeds
+SPLITS = ("train", "val", "test")
+MAX_TRAIN_STEPS = 200
+
+
+@dataclass
+class Probe:
+    """One scored answer.
+
+    step      index of the step it is answered in (1..n_steps)
+    kind      what is asked (env specific: "update", "recall", "where", "action", ...)
+    span      (start, end): Episode.tokens[start:end] are the answer tokens; the model is scored on
+              predicting each of them from the tokens before it
+    answer    answer text; answer_tokens its token ids
+    lag       steps since the information the answer needs last appeared anywhere in the stream
+    chance    accuracy of uniform guessing over the answer set
+    extra     env specific details (e.g. permutation moves since the item was last shown)
+    """
+
+    step: int
+    kind: str
+    span: tuple[int, int]
+    answer: str
+    answer_tokens: list[int]
+    lag: int
+    chance: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Episode:
+    """A generated trajectory.
+
+    steps        the text lines; steps[0] is the briefing, steps[1..n_steps] the agent steps
+    step_spans   per step (start, answer_start, end) into `tokens`: the line, where its answer
+                 starts (after `[A]`), and its end (after `[E]`); the briefing has answer_start=end
+    """
+
+    env: str
+    split: str
+    seed: int
+    n_steps: int
+    params: dict[str, Any]
+    steps: list[str]
+    tokens: list[int]
+    step_spans: list[tuple[int, int, int]]
+    probes: list[Probe]
+
+    @property
+    def text(self) -> str:
+        return "".join(s + "\n" for s in self.steps)
+
+    @property
+    def tokens_per_step(self) -> float:
+        return (len(self.tokens) - 1) / max(1, self.n_steps + 1)
+
+
+def name_pool(split: str) -> list[str]:
+    """Two-syllable names (consonant-vowel-consonant-vowel) of a split; the pools are disjoint.
+
+    About a fifth of all combinations is held out for the test split, chosen by a fixed hash, so
+    every syllable occurs in both pools but no test name occurs in training.
+    """
+    split = param_split(split)
+    names = [a + b for a in SYLLABLES for b in SYLLABLES if a + b not in KEYWORDS]
+    test = [n for n in names if zlib.crc32(n.encode()) % 5 == 0]
+    if split == "test":
+        return test
+    return [n for n in names if zlib.crc32(n.encode()) % 5 != 0]
+
+
+def check_args(env: str, n_steps: int, seed: int, split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} is invalid: expected one of {SPLITS}")
+    if not isinstance(n_steps, int) or isinstance(n_steps, bool) or n_steps < 1:
+        raise ValueError(f"n_steps={n_steps!r} is invalid: expected an int >= 1")
+    if split != "test" and n_steps > MAX_TRAIN_STEPS:
+        raise ValueError(f"n_steps={n_steps} is invalid for split={split!r}: expected <= {MAX_TRAIN_STEPS} "
+                         "(longer episodes are test-only)")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"seed={seed!r} is invalid: expected an int")
+
+
+def param_split(split: str) -> str:
+    """Which parameter / template / name set a split uses ("val" shares the train set)."""
+    return "test" if split == "test" else "train"
+
+
+def make_rng(env: str, split: str, seed: int, n_steps: int) -> random.Random:
+    # string seeds are hashed with sha512 by `random`, so this is stable across runs and machines
+    return random.Random(f"nestlm-acb:{env}:{split}:{seed}:{n_steps}")
+
+
+def final_window(n_steps: int) -> int:
+    """Number of steps at the end of an episode whose probes are scored (the last 10%, >= 1)."""
+    return max(1, n_steps // 10)
+
+
+def pick_by_lag(rng: random.Random, candidates: list[Any], lags: list[int], step: int) -> Any:
+    """Pick the candidate whose lag is closest (in log) to a target drawn log-uniformly from [1, step].
+
+    Used for probes in the scored window so lags spread over all scales instead of clustering at the
+    most recent facts.
+    """
+    target = rng.uniform(0.0, math.log(max(1, step)))  # log of the target lag
+    dist = [abs(math.log(max(1, lag)) - target) for lag in lags]
+    best = min(dist)
+    return rng.choice([c for c, d in zip(candidates, dist) if d <= best + 1e-9])
+
+
+class Writer:
+    """Accumulates the lines of an episode with their token spans and probes."""
+
+    def __init__(self) -> None:
+        self.tok = get_tokenizer()
+        self.lines: list[str] = []
+        self.tokens: list[int] = [self.tok.bos_id]
+        self.spans: list[tuple[int, int, int]] = []
+        self.probes: list[Probe] = []
+
+    @property
+    def step(self) -> int:
+        """Index the next line will have."""
+        return len(self.lines)
+
+    def briefing(self, body: str) -> None:
+        assert not self.lines, "the briefing is step 0"
+        line = f"[P] {body} [/P]"
+        start = len(self.tokens)
+        self.tokens.extend(self.tok.encode(line))
+        self.lines.append(line)
+        self.spans.append((start, len(self.tokens), len(self.tokens)))
+
+    def add(self, tag: str, prompt: str, answer: str, probes: list[dict[str, Any]] = ()) -> None:
+        """Append `tag prompt [A] answer [E]`; each probe dict gives kind, lag, chance, extra and
+        optionally `last` (score only the last n answer tokens)."""
+        start = len(self.tokens)
+        self.tokens.extend(self.tok.encode(f"{tag} {prompt} [A]"))
+        a_start = len(self.tokens)
+        ans = self.tok.encode(answer)
+        self.tokens.extend(ans)
+        a_end = len(self.tokens)
+        self.tokens.append(self.tok.token_to_id("[E]"))
+        self.spans.append((start, a_start, len(self.tokens)))
+        step = len(self.lines)
+        self.lines.append(f"{tag} {prompt} [A] {answer} [E]")
+        for p in probes:
+            last = p.get("last")
+            s = a_start if last is None else a_end - last
+            self.probes.append(Probe(step=step, kind=p["kind"], span=(s, a_end),
+                                     answer=self.tok.decode(self.tokens[s:a_end]),
+                                     answer_tokens=list(self.tokens[s:a_end]), lag=int(p["lag"]),
+                                     chance=float(p["chance"]), extra=dict(p.get("extra", {}))))
+
+    def episode(self, env: str, split: str, seed: int, n_steps: int, params: dict[str, Any]) -> Episode:
+        assert len(self.lines) == n_steps + 1, (len(self.lines), n_steps)
+        return Episode(env=env, split=split, seed=seed, n_steps=n_steps, params=params, steps=self.lines,
+                       tokens=self.tokens, step_spans=self.spans, probes=self.probes)

@@ -1,0 +1,223 @@
+"""HybridLM: a stack of blocks, each `x + mixer(norm(x))` then `x + channel_mixer(norm(x))`.
+
+    cfg = HybridConfig.preset("hope-hybrid", size="tiny")
+    model = HybridLM(cfg)
+    out = model(input_ids)                       # input_ids [B, T] -> out.logits [B, T, V], out.state
+    out2 = model(next_ids, state=out.state)      # streaming continuation == one long call
+
+Mixers: attn, swa, mamba, mamba2, memory (Titans), hope; channel mixers: mlp (SwiGLU), cms.
+The recurrent state of every block travels in a nestlm.models.State.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin
+from torch import nn
+
+from nestlm.layers.attention import Attention
+from nestlm.layers.mlp import MLP, swiglu_hidden
+from nestlm.layers.norm import RMSNorm
+from nestlm.models.config import HybridConfig
+from nestlm.models.state import State
+
+
+def build_mixer(cfg: HybridConfig, name: str, out_std: float) -> nn.Module:
+    """The sequence mixer called `name` with the sizes of `cfg`."""
+    d = cfg.d_model
+    if name in ("attn", "swa"):
+        return Attention(d, cfg.n_heads, cfg.n_kv_heads, window=cfg.window if name == "swa" else None,
+                         rope_theta=cfg.rope_theta, init_std=cfg.init_std, out_std=out_std)
+    if name == "mamba":
+        from nestlm.layers.mamba import Mamba
+
+        return Mamba(d, d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand)
+    if name == "mamba2":
+        from nestlm.layers.mamba2 import Mamba2
+
+        return Mamba2(d, d_state=cfg.ssm_d_state, d_conv=cfg.d_conv, expand=cfg.expand, headdim=cfg.ssm_headdim,
+                      ngroups=cfg.ssm_ngroups, chunk_size=cfg.ssm_chunk_size)
+    if name == "memory":
+        from nestlm.layers.memory import NeuralMemory
+
+        return NeuralMemory(d, cfg.mem_heads, cfg.mem_head_dim, depth=cfg.mem_depth, chunk_size=cfg.mem_chunk_size,
+                            max_lr=cfg.mem_max_lr, first_order=cfg.mem_first_order)
+    if name == "hope":
+        from nestlm.layers.hope import HOPE
+
+        return HOPE(d, cfg.mem_heads, cfg.mem_head_dim, chunk_size=cfg.mem_chunk_size,
+                    aux_chunk_size=cfg.hope_chunk_size, max_lr=cfg.mem_max_lr, d_conv=cfg.d_conv,
+                    norm_eps=cfg.norm_eps, init_std=cfg.init_std, out_std=out_std)
+    raise ValueError(f"unknown mixer {name!r}")
+
+
+def build_channel_mixer(cfg: HybridConfig, name: str, out_std: float) -> nn.Module:
+    hidden = swiglu_hidden(cfg.d_model, cfg.mlp_ratio)
+    if name == "mlp":
+        return MLP(cfg.d_model, hidden, init_std=cfg.init_std, out_std=out_std)
+    if name == "cms":
+        from nestlm.layers.cms import CMS
+
+        return CMS(cfg.d_model, periods=tuple(cfg.cms_periods), hidden=hidden, lr=cfg.cms_lr, norm_eps=cfg.norm_eps,
+                   init_std=cfg.init_std, out_std=out_std)
+    raise ValueError(f"unknown channel mixer {name!r}")
+
+
+class Block(nn.Module):
+    """Pre-norm residual block. x: [b, t, d] -> [b, t, d]; state: {"mixer": {...}, "channel": {...}}."""
+
+    def __init__(self, cfg: HybridConfig, i: int):
+        super().__init__()
+        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)  # GPT-2: residual writes scaled by depth
+        self.kind = cfg.layers[i]
+        self.norm1 = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mixer = build_mixer(cfg, cfg.layers[i], out_std)
+        self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.channel = build_channel_mixer(cfg, cfg.channel_mixer_of(i), out_std)
+
+    def forward(self, x: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
+        h, mixer_state = self.mixer(self.norm1(x), state.get("mixer"))
+        x = x + h
+        h, channel_state = self.channel(self.norm2(x), state.get("channel"))
+        return x + h, {"mixer": mixer_state, "channel": channel_state}
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> dict:
+        return {"mixer": self.mixer.init_state(batch_size, device, dtype),
+                "channel": self.channel.init_state(batch_size, device, dtype)}
+
+
+@dataclass
+class LMOutput:
+    logits: torch.Tensor  # [B, T, vocab_size]
+    state: State  # recurrent state after the last token
+
+
+class HybridLM(nn.Module, PyTorchModelHubMixin, library_name="nestlm", tags=["nestlm"]):
+    """Embedding -> blocks -> final RMSNorm -> (tied) LM head."""
+
+    def __init__(self, config: HybridConfig | dict):
+        super().__init__()
+        if isinstance(config, dict):
+            config = HybridConfig.from_dict(config)
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        nn.init.normal_(self.embed.weight, std=config.init_std)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm_f = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        else:
+            nn.init.normal_(self.lm_head.weight, std=config.init_std)
+        self._config_hash = config.config_hash()
+
+    # --- state --------------------------------------------------------------------------------
+    def init_state(self, batch_size: int = 1, device=None, dtype=None) -> State:
+        """A fresh state (what `state=None` means)."""
+        p = self.embed.weight
+        device = device if device is not None else p.device
+        dtype = dtype if dtype is not None else p.dtype
+        return State([blk.init_state(batch_size, device, dtype) for blk in self.blocks],
+                     {"config_hash": self._config_hash, "tokens_seen": 0})
+
+    # --- forward ------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, state: State | None = None) -> LMOutput:
+        """input_ids: LongTensor [B, T] -> LMOutput(logits [B, T, V], state)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"HybridLM: input_ids must be [batch, time], got shape {tuple(input_ids.shape)}")
+        if state is None:
+            state = self.init_state(input_ids.shape[0])
+        else:
+            state.check_compatible(self._config_hash, len(self.blocks))
+        x = self.embed(input_ids)
+        new_blocks = []
+        for blk, s in zip(self.blocks, state.blocks):
+            x, s = blk(x, s)
+            new_blocks.append(s)
+        logits = self.lm_head(self.norm_f(x))
+        return LMOutput(logits, State(new_blocks, state.continued(input_ids.shape[1], self._config_hash)))
+
+    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, state: State | None = None,
+             ignore_index: int = -100) -> tuple[torch.Tensor, State]:
+        """Mean next-token cross-entropy of `targets` [B, T] given `input_ids` [B, T]."""
+        out = self(input_ids, state)
+        loss = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)
+        return loss, out.state
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+                 top_k: int | None = None, state: State | None = None, generator: torch.Generator | None = None
+                 ) -> tuple[torch.Tensor, State]:
+        """Decode with the recurrent state: prefill `input_ids` [B, T], then one token per step.
+
+        temperature 0 is greedy. Returns (new tokens [B, max_new_tokens], state after the last one fed).
+        """
+        out = self(input_ids, state)
+        logits, state = out.logits[:, -1], out.state
+        new = []
+        for i in range(max_new_tokens):
+            if temperature <= 0:
+                nxt = logits.argmax(-1)
+            else:
+                scaled = logits.float() / temperature
+                if top_k is not None:
+                    kth = torch.topk(scaled, min(top_k, scaled.shape[-1])).values[:, -1:]
+                    scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+                nxt = torch.multinomial(scaled.softmax(-1), 1, generator=generator)[:, 0]
+            new.append(nxt)
+            if i + 1 < max_new_tokens:
+                out = self(nxt[:, None], state)
+                logits, state = out.logits[:, -1], out.state
+        return torch.stack(new, 1) if new else input_ids.new_zeros(input_ids.shape[0], 0), state
+
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed.weight.numel() if exclude_embedding else n
+
+    # --- persistence (huggingface_hub mixin: config.json + model.safetensors) ------------------------
+    def _save_pretrained(self, save_directory: Path) -> None:
+        super()._save_pretrained(save_directory)
+        # the mixin writes config.json from the init kwargs; write the validated dataclass ourselves
+        (Path(save_directory) / "config.json").write_text(self.config.to_json())
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, map_location: str = "cpu", strict: bool = True, **kwargs):
+        path = Path(model_id)
+        cfg_file, weights = path / "config.json", path / "model.safetensors"
+        if not path.is_dir():
+            raise FileNotFoundError(f"HybridLM.from_pretrained: {path} is not a directory (expected an export "
+                                    "folder with config.json and model.safetensors)")
+        for f in (cfg_file, weights):
+            if not f.is_file():
+                raise FileNotFoundError(f"HybridLM.from_pretrained: missing {f}")
+        try:
+            cfg_dict = json.loads(cfg_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"HybridLM.from_pretrained: {cfg_file} is not valid JSON ({e})") from None
+        if "config" in cfg_dict and isinstance(cfg_dict["config"], dict):
+            cfg_dict = cfg_dict["config"]
+        model = cls(HybridConfig.from_dict(cfg_dict))
+        from safetensors.torch import load_model
+
+        try:
+            missing, unexpected = load_model(model, str(weights), strict=False, device=str(map_location))
+        except Exception as e:
+            raise ValueError(f"HybridLM.from_pretrained: cannot read {weights} ({e})") from None
+        if strict and (missing or unexpected):
+            raise ValueError(f"HybridLM.from_pretrained: {weights} does not match the config: missing "
+                             f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+        return model
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> HybridLM:
+        """Load an export folder (config.json + model.safetensors); weights must match the config exactly."""
+        if os.path.isdir(pretrained_model_name_or_path):
+            return cls._from_pretrained(model_id=str(pretrained_model_name_or_path), **kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)

@@ -1,0 +1,108 @@
+"""Agent environments: determinism, splits, format, and every answer re-derived from the text."""
+
+from __future__ import annotations
+
+import pytest
+from acb_checkers import CHECKERS
+
+from nestlm.eval.envs import ENVS, GENERATOR_VERSION, config_hash, final_window, generate_episode, name_pool
+from nestlm.eval.tokenizer import get_tokenizer
+
+CASES = [(env, n, seed, split) for env in ENVS for (n, seed, split) in
+         [(1, 0, "train"), (20, 1, "train"), (63, 2, "train"), (200, 3, "train"), (20, 4, "test"),
+          (257, 5, "test"), (2000, 6, "test")]]
+
+
+def test_tokenizer_vocab_and_roundtrip():
+    tok = get_tokenizer()
+    assert tok.vocab_size <= 512
+    assert len(set(tok.vocab)) == tok.vocab_size
+    text = "[P] ledger acct keva 35 [/P]\n[O] dep 4 to keva [A] 39 [E]\n[Q] where is gota [A] 0046 [E]\n"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    # digits are single tokens; names are syllable compositions
+    assert tok.tokens("0046 keva") == ["0", "##0", "##4", "##6", "ke", "##va"]
+    assert all(tok.vocab[i] != "<unk>" for i in tok.encode("Hello, world: 42!"))
+    with pytest.raises(ValueError, match="token id"):
+        tok.decode([tok.vocab_size])
+
+
+def test_name_pools_disjoint_and_composed_of_seen_syllables():
+    tok = get_tokenizer()
+    train, test = set(name_pool("train")), set(name_pool("test"))
+    assert train.isdisjoint(test) and len(test) > 500 and len(train) > 2000
+    train_tokens = {t for n in train for t in tok.encode(n)}
+    assert all(t in train_tokens for n in test for t in tok.encode(n))
+
+
+@pytest.mark.parametrize("env", list(ENVS))
+def test_deterministic_per_seed(env):
+    a, b = generate_episode(env, 150, 11, "train"), generate_episode(env, 150, 11, "train")
+    assert a.text == b.text and a.tokens == b.tokens and a.probes == b.probes
+    assert generate_episode(env, 150, 12, "train").text != a.text
+    assert generate_episode(env, 150, 11, "test").text != a.text
+
+
+@pytest.mark.parametrize("env,n,seed,split", CASES)
+def test_episode_format_and_spans(env, n, seed, split):
+    tok = get_tokenizer()
+    ep = generate_episode(env, n, seed, split)
+    assert len(ep.steps) == n + 1 and ep.n_steps == n
+    assert ep.tokens == [tok.bos_id] + tok.encode(ep.text)
+    assert tok.decode(ep.tokens) == ep.text
+    assert ep.step_spans[0][0] == 1 and ep.step_spans[-1][2] == len(ep.tokens)
+    for (s, a, e), line in zip(ep.step_spans, ep.steps):
+        assert tok.decode(ep.tokens[s:e]).strip() == line
+        if line.startswith("[P]"):
+            continue
+        assert ep.tokens[a - 1] == tok.token_to_id("[A]") and ep.tokens[e - 1] == tok.token_to_id("[E]")
+    for p in ep.probes:
+        s, a, e = ep.step_spans[p.step]
+        assert a <= p.span[0] < p.span[1] == e - 1
+        assert ep.tokens[p.span[0]:p.span[1]] == p.answer_tokens and tok.decode(p.answer_tokens) == p.answer
+        assert 1 <= p.lag <= p.step and 0 < p.chance < 1
+    # the scored window (last 10%) always holds a probe, and the last step is one
+    assert any(p.step > n - final_window(n) for p in ep.probes)
+    if split == "test" and n >= 200:
+        assert 6 <= ep.tokens_per_step <= 16
+
+
+@pytest.mark.parametrize("env,n,seed,split", CASES)
+def test_independent_checker_recomputes_every_answer(env, n, seed, split):
+    ep = generate_episode(env, n, seed, split)
+    expected = CHECKERS[env](ep.steps)
+    got = {p.step: (p.kind, p.answer, p.lag) for p in ep.probes}
+    assert got == expected
+
+
+def test_splits_use_disjoint_names_and_train_is_capped():
+    train = generate_episode("ledger", 200, 0, "train")
+    test = generate_episode("ledger", 200, 0, "test")
+    words = lambda ep: {w for line in ep.steps for w in line.split()}  # noqa: E731
+    assert (words(train) & set(name_pool("test"))) == set()
+    assert (words(test) & set(name_pool("train"))) == set()
+    with pytest.raises(ValueError, match="n_steps=201"):
+        generate_episode("shell", 201, 0, "train")
+    with pytest.raises(ValueError, match="env='nope'"):
+        generate_episode("nope", 10, 0)
+    assert generate_episode("ledger", 50, 0, "val").text != generate_episode("ledger", 50, 0, "train").text
+    with pytest.raises(ValueError, match="split=.dev."):
+        generate_episode("ledger", 10, 0, "dev")
+
+
+def test_long_lags_are_probed():
+    # held-out long episodes must contain probes whose information is thousands of steps old
+    for env, min_lag in (("ledger", 1000), ("courier", 100)):
+        ep = generate_episode(env, 2000, 1, "test")
+        window = [p for p in ep.probes if p.step > 1800]
+        assert max(p.lag for p in window) > min_lag, env
+    # SHELL answers need the composition of every move since the item was last shown
+    ep = generate_episode("shell", 2000, 1, "test")
+    assert max(p.extra["moves"] for p in ep.probes if p.step > 1800) >= 5
+
+
+def test_config_hash_and_version():
+    assert len(config_hash()) == 16 and config_hash(["ledger"]) != config_hash(["shell"])
+    assert GENERATOR_VERSION
+    with pytest.raises(ValueError, match="env="):
+        config_hash(["nope"])

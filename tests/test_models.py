@@ -1,0 +1,177 @@
+"""HybridLM contracts on CPU: streaming == one call, causality, batch independence, persistence."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+import yaml
+
+from nestlm.models import HybridConfig, HybridLM, State
+from nestlm.models.presets import PRESETS, SIZES
+
+SMALL = dict(vocab_size=61, d_model=32, n_heads=4, window=7, ssm_headdim=16, ssm_d_state=8, ssm_chunk_size=8,
+             mem_heads=2, mem_head_dim=8, mem_chunk_size=5, hope_chunk_size=3, cms_periods=[None, 3, 7])
+STACKS = {
+    "attn": ["attn", "attn"],
+    "swa": ["swa", "swa"],
+    "attn+swa": ["swa", "attn", "swa"],
+}
+
+
+def small_model(layers, **kw) -> HybridLM:
+    torch.manual_seed(0)
+    return HybridLM(HybridConfig(**{**SMALL, "layers": layers, **kw})).double().eval()
+
+
+def random_pieces(t: int, rng: random.Random) -> list[tuple[int, int]]:
+    """Split [0, t) into consecutive pieces of random length, single tokens included."""
+    cuts, a = [], 0
+    while a < t:
+        n = rng.choice([1, 1, 2, 5, 11, 17])
+        cuts.append((a, min(t, a + n)))
+        a += n
+    return cuts
+
+
+@pytest.mark.parametrize("stack", list(STACKS))
+def test_streaming_equals_one_call(stack):
+    model = small_model(STACKS[stack])
+    x = torch.randint(0, 61, (2, 53))
+    with torch.no_grad():
+        full = model(x)
+        state, pieces = None, []
+        for a, b in random_pieces(53, random.Random(1)):
+            out = model(x[:, a:b], state)
+            state, _ = out.state, pieces.append(out.logits)
+    streamed = torch.cat(pieces, 1)
+    rel = (streamed - full.logits).norm() / full.logits.norm()
+    assert rel <= 1e-9, rel
+    for (ka, a), (kb, b) in zip(full.state.flat().items(), state.flat().items()):
+        assert ka == kb and torch.allclose(a.double(), b.double(), rtol=1e-9, atol=1e-12), ka
+    assert state.tokens_seen == 53
+
+
+@pytest.mark.parametrize("stack", list(STACKS))
+def test_causality_and_batch_independence(stack):
+    model = small_model(STACKS[stack])
+    x = torch.randint(0, 61, (3, 40))
+    y = x.clone()
+    y[1, 25] = (y[1, 25] + 1) % 61  # change one token of row 1
+    with torch.no_grad():
+        a, b = model(x).logits, model(y).logits
+    assert torch.equal(a[1, :25], b[1, :25])  # earlier positions untouched
+    assert not torch.allclose(a[1, 25:], b[1, 25:])  # the change is seen
+    assert torch.equal(a[[0, 2]], b[[0, 2]])  # other rows untouched
+
+
+def test_sliding_window_state_is_bounded_and_local():
+    model = small_model(["swa"])
+    with torch.no_grad():
+        s1 = model(torch.randint(0, 61, (1, 20))).state
+        s2 = model(torch.randint(0, 61, (1, 300))).state
+    assert s1.blocks[0]["mixer"]["k"].shape == s2.blocks[0]["mixer"]["k"].shape  # W-1 slots, not T
+    # tokens older than the window cannot influence a one-layer SWA model
+    x = torch.randint(0, 61, (1, 30))
+    y = x.clone()
+    y[0, 0] = (y[0, 0] + 1) % 61
+    with torch.no_grad():
+        a, b = model(x).logits, model(y).logits
+    assert torch.equal(a[0, 7:], b[0, 7:]) and not torch.allclose(a[0, :7], b[0, :7])
+
+
+def test_generate_matches_greedy_full_forward():
+    model = small_model(["swa", "attn"])
+    prompt = torch.randint(0, 61, (2, 9))
+    new, state = model.generate(prompt, max_new_tokens=6)
+    seq = prompt
+    for _ in range(6):
+        with torch.no_grad():
+            seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(new, seq[:, 9:])
+    assert state.tokens_seen == 9 + 5
+
+
+def test_save_load_round_trip_identical_logits(tmp_path):
+    model = small_model(["swa", "attn"]).float()
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["layers"] == ["swa", "attn"]
+    loaded = HybridLM.from_pretrained(tmp_path)
+    x = torch.randint(0, 61, (2, 17))
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, loaded(x).logits)
+    assert loaded.lm_head.weight.data_ptr() == loaded.embed.weight.data_ptr()  # still tied
+
+
+def test_from_pretrained_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing"):
+        tmp_path.joinpath("x").mkdir()
+        HybridLM.from_pretrained(tmp_path / "x")
+    small_model(["attn"]).save_pretrained(tmp_path / "a")
+    cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    cfg["d_model"] = 64  # weights no longer match the config
+    (tmp_path / "a" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="model.safetensors"):
+        HybridLM.from_pretrained(tmp_path / "a")
+    (tmp_path / "a" / "model.safetensors").write_bytes(b"\x00garbage")
+    with pytest.raises(ValueError, match="cannot read"):
+        HybridLM.from_pretrained(tmp_path / "a")
+
+
+@pytest.mark.parametrize("field,value,msg", [
+    ("d_model", 0, "d_model=0"),
+    ("n_heads", 5, "n_heads=5"),
+    ("layers", "AXQ", "layers='AXQ'"),
+    ("layers", ["attn", "lstm"], "layers="),
+    ("channel_mixer", "moe", "channel_mixer='moe'"),
+    ("mem_depth", 3, "mem_depth=3"),
+    ("cms_periods", [0], "cms_periods"),
+    ("reset_policy", {"blocks.0": "sometimes"}, "reset_policy"),
+])
+def test_bad_config_raises_one_line_error(field, value, msg):
+    with pytest.raises(ValueError, match="HybridConfig") as e:
+        HybridConfig(**{**SMALL, field: value})
+    assert msg in str(e.value) and "\n" not in str(e.value)
+
+
+def test_pattern_strings():
+    assert HybridConfig(layers="(SW)*2H").layers == ["mamba2", "swa", "mamba2", "swa", "hope"]
+    assert HybridConfig(layers="attn,swa").layers == ["attn", "swa"]
+    with pytest.raises(ValueError, match="HybridConfig.preset name"):
+        HybridConfig.preset("gpt5")
+    with pytest.raises(ValueError, match="HybridConfig.preset size"):
+        HybridConfig.preset("mamba", "7b")
+
+
+@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("size", list(SIZES))
+def test_preset_yaml_matches_python(name, size):
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "configs" / "model" / f"{name}-{size}.yaml"
+    assert HybridConfig(**yaml.safe_load(path.read_text())) == HybridConfig.preset(name, size)
+
+
+def test_state_save_load_diff_and_config_check(tmp_path):
+    model = small_model(["swa", "attn"])
+    x = torch.randint(0, 61, (2, 30))
+    with torch.no_grad():
+        s = model(x[:, :20]).state
+        sid = s.save(tmp_path / "s.safetensors")
+        loaded = State.load(tmp_path / "s.safetensors")
+        assert loaded.meta["id"] == sid and loaded.tokens_seen == 20
+        a, b = model(x[:, 20:], s).logits, model(x[:, 20:], loaded).logits
+        assert torch.equal(a, b)
+        after = model(x[:, 20:], loaded).state
+    assert after.meta["parent"] == sid
+    d = s.diff(after)
+    assert d["blocks.0.mixer.pos"] == pytest.approx(10 * 2 ** 0.5) and all(v >= 0 for v in d.values())
+    assert s.diff(loaded)["blocks.1.mixer.k"] == 0
+    other = small_model(["swa", "swa"])
+    with pytest.raises(ValueError, match="config"):
+        other(x, loaded)
+    (tmp_path / "bad.safetensors").write_bytes(b"not a state")
+    with pytest.raises(ValueError, match="bad.safetensors"):
+        State.load(tmp_path / "bad.safetensors")
