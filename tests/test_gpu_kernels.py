@@ -112,6 +112,41 @@ def test_dispatch_picks_kernel_and_env_forces_torch(ext, monkeypatch):
 
     q = torch.randn(1, 4, 1, 64, device="cuda")
     assert backends.memory_scan_backend(q, q, 16) == "csrc"
+    assert backends.kernel("linear_memory_scan", q) is not None
+    assert backends.memory_scan_backend(torch.randn(1, 4, 1, 48, device="cuda"), q, 16) == "torch"
     monkeypatch.setenv("NESTLM_BACKEND", "torch")
     assert backends.memory_scan_backend(q, q, 16) == "torch"
-    assert backends.memory_scan_backend(torch.randn(1, 4, 1, 48, device="cuda"), q, 16) == "torch"
+    assert backends.kernel("linear_memory_scan", q) is None
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_memory_op_on_cuda_runs_the_kernel_and_matches_its_reference(ext, first_order):
+    memory = pytest.importorskip("nestlm.ops.memory")
+    from nestlm.ops import _csrc
+
+    x = random_inputs(2, 75, 2, 64, 64)
+    C, off = 16, 5
+    cpu = [t.clone().requires_grad_(True) for t in x]
+    dev = [t.to("cuda", torch.float32).requires_grad_(True) for t in x]
+    calls = []
+    real = _csrc.memory_scan_fwd
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    _csrc.memory_scan_fwd = spy
+    try:
+        y, st = memory.linear_memory_scan(*dev, chunk_size=C, offset=off, first_order=first_order)
+    finally:
+        _csrc.memory_scan_fwd = real
+    assert calls, "linear_memory_scan on CUDA did not reach the csrc kernel"
+    y_r, st_r = memory.linear_memory_scan_ref(*cpu, chunk_size=C, offset=off, first_order=first_order)
+    outs, refs = (y, *st), (y_r, *st_r)
+    for o, r in zip(outs, refs):
+        assert rel(o, r.detach()) < TOL[torch.float32]
+    cots = [torch.randn(t.shape, dtype=torch.float64) for t in refs]
+    g = torch.autograd.grad(sum((c.cuda().float() * t).sum() for c, t in zip(cots, outs)), dev)
+    g_r = torch.autograd.grad(sum((c * t).sum() for c, t in zip(cots, refs)), cpu)
+    for name, o, r in zip(NAMES, g, g_r):
+        assert rel(o, r) < TOL[torch.float32], name

@@ -5,6 +5,8 @@ NESTLM_BACKEND=torch forces the PyTorch paths. Choices are logged once at INFO.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import os
 
@@ -12,6 +14,8 @@ import torch
 
 log = logging.getLogger(__name__)
 _logged: set[tuple[str, str, str]] = set()
+# Set while a compiled kernel hands a call it cannot serve back to the PyTorch path.
+_torch_only = contextvars.ContextVar("nestlm_torch_only", default=False)
 
 
 def forced_torch() -> bool:
@@ -42,3 +46,32 @@ def memory_scan_backend(q: torch.Tensor, v: torch.Tensor, chunk_size: int) -> st
         return "torch"
     _log_once("linear_memory_scan", q.device, "csrc")
     return "csrc"
+
+
+@contextlib.contextmanager
+def torch_path():
+    """Within this block `kernel()` offers nothing: ops run their PyTorch path."""
+    token = _torch_only.set(True)
+    try:
+        yield
+    finally:
+        _torch_only.reset(token)
+
+
+def kernel(op: str, x: torch.Tensor):
+    """Our compiled kernel for `op` (e.g. "linear_memory_scan") on x's device, or None.
+
+    None on CPU, under NESTLM_BACKEND=torch, inside `torch_path()`, or when csrc/ is not built. The
+    returned callable takes the op's own arguments and itself falls back to the PyTorch path for
+    arguments the kernel does not cover.
+    """
+    if x.device.type != "cuda" or forced_torch() or _torch_only.get():
+        return None
+    from nestlm.ops import _csrc
+
+    fn = _csrc.KERNELS.get(op)
+    if fn is None or not _csrc.available():
+        _log_once(op, x.device, "torch", "no csrc kernel built")
+        return None
+    _log_once(op, x.device, "csrc")
+    return fn
