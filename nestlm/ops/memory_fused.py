@@ -297,8 +297,8 @@ def linear_memory_scan_fused(q, k, v, lr, momentum, decay, W, S, W_anchor=None, 
         from nestlm.ops import backends
 
         use_kernel = W.dtype == torch.float32 and backends.memory_scan_backend(q, v, chunk_size) == "csrc"
-    if L == 0:
-        use_kernel = False
+    if L == 0 or W.dtype != torch.float32:
+        use_kernel = False  # the kernels keep fp32 state; fp64 (tests) stays on the PyTorch form
     # the recurrence runs in the state dtype whatever autocast says
     with torch.autocast(device_type=q.device.type, enabled=False):
         y, W1, S1, A1 = LinearMemoryScanFn.apply(q, k, v, lr, momentum, decay, W, S, A, chunk_size, offset,
