@@ -53,7 +53,8 @@ def build_mixer(cfg: HybridConfig, name: str, out_std: float) -> nn.Module:
         from nestlm.layers.hope import HOPE
 
         return HOPE(d, cfg.mem_heads, cfg.mem_head_dim, chunk_size=cfg.mem_chunk_size,
-                    aux_chunk_size=cfg.hope_chunk_size)
+                    aux_chunk_size=cfg.hope_chunk_size, max_lr=cfg.mem_max_lr, d_conv=cfg.d_conv,
+                    norm_eps=cfg.norm_eps, init_std=cfg.init_std, out_std=out_std)
     raise ValueError(f"unknown mixer {name!r}")
 
 
@@ -64,7 +65,8 @@ def build_channel_mixer(cfg: HybridConfig, name: str, out_std: float) -> nn.Modu
     if name == "cms":
         from nestlm.layers.cms import CMS
 
-        return CMS(cfg.d_model, periods=tuple(cfg.cms_periods), hidden=hidden, lr=cfg.cms_lr)
+        return CMS(cfg.d_model, periods=tuple(cfg.cms_periods), hidden=hidden, lr=cfg.cms_lr, norm_eps=cfg.norm_eps,
+                   init_std=cfg.init_std, out_std=out_std)
     raise ValueError(f"unknown channel mixer {name!r}")
 
 

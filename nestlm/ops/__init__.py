@@ -1,0 +1,26 @@
+"""Numerics with no nn.Module: scans and convolutions, each beside its token-loop reference.
+
+Signatures and semantics follow mamba-ssm / causal-conv1d so either can be swapped in:
+
+    selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   return_last_state=False, *, initial_state=None)
+    ssd_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None,
+             dt_softplus=False, return_final_states=False)
+    causal_conv1d(x, weight, bias=None, initial_states=None, return_final_states=False,
+                  activation=None)
+
+The backend (own kernel, vendor CUDA kernel or chunked PyTorch) is chosen in `nestlm.ops.backends`.
+"""
+
+from nestlm.ops.conv import causal_conv1d, causal_conv1d_ref
+from nestlm.ops.selective_scan import selective_scan, selective_scan_ref
+from nestlm.ops.ssd import ssd_scan, ssd_scan_ref
+
+__all__ = [
+    "causal_conv1d",
+    "causal_conv1d_ref",
+    "selective_scan",
+    "selective_scan_ref",
+    "ssd_scan",
+    "ssd_scan_ref",
+]

@@ -1,0 +1,91 @@
+"""Fast-weight update of one Continuum Memory System level (see nestlm.layers.cms).
+
+Per batch row, a level holds fast weights W [n, d] (the level's down projection) that tokens read as
+
+    y_t = u_t W                                           u_t: the level's hidden features [n]
+
+and that are written once every `period` tokens by one step of gradient descent on a local
+associative loss, summed over the period and taken at the period-start weights W_p:
+
+    G   = sum_{t in period} eta_t * k_t^T (k_t W_p - v_t)     k_t [n]: key features, v_t [d]: target
+    W  <- W_p - G / period                                     at the period's last token
+
+Periods are fixed on absolute positions [jC, (j+1)C) counted from the fresh state. A token reads the
+weights as of its period start (it never sees its own period's writes). A period that is cut by the
+end of a call stays open in the state: G holds the gradient accumulated so far and `pos` the number
+of tokens consumed, so feeding a sequence in pieces equals one call.
+
+`cms_scan` is the chunked path (one batched computation per period, a Python loop over periods);
+`cms_scan_ref` is the plain token loop that applies the same rule, the oracle for tests. Both are
+differentiable in every input (the inner gradient is written out, so the outer gradient flows
+through it: second order).
+
+Arithmetic happens in the dtype of W (keep it fp32 under bf16 autocast, fp64 in tests).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _check(u: Tensor, k: Tensor, v: Tensor, eta: Tensor, W: Tensor, G: Tensor, pos: Tensor, period: int) -> None:
+    b, t, n = u.shape
+    d = W.shape[-1]
+    expect = {"k": (k, (b, t, n)), "v": (v, (b, t, d)), "eta": (eta, (b, t)), "W": (W, (b, n, d)),
+              "G": (G, (b, n, d)), "pos": (pos, (b,))}
+    for name, (x, shape) in expect.items():
+        if tuple(x.shape) != shape:
+            raise ValueError(f"cms_scan: {name} must have shape {shape}, got {tuple(x.shape)}")
+    if not isinstance(period, int) or period < 1:
+        raise ValueError(f"cms_scan: period must be a positive int, got {period!r}")
+
+
+def cms_scan(u: Tensor, k: Tensor, v: Tensor, eta: Tensor, W: Tensor, G: Tensor, pos: Tensor, period: int
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Chunked CMS level: read and write fast weights over a segment.
+
+    u, k: [b, t, n] read / key features; v: [b, t, d] targets; eta: [b, t] per-token step sizes.
+    W, G: [b, n, d] fast weights and open-period gradient; pos: int64 [b] tokens consumed so far
+    (all rows must be at the same position). Returns (y [b, t, d], W, G, pos).
+    """
+    _check(u, k, v, eta, W, G, pos, period)
+    b, t, _ = u.shape
+    if t == 0:
+        return u.new_zeros(b, 0, W.shape[-1]), W, G, pos
+    p0 = int(pos[0]) if b else 0
+    if b and not bool((pos == p0).all()):
+        raise ValueError("cms_scan: pos must be equal across the batch (rows at different positions)")
+    dt = W.dtype
+    u, k, v, eta = u.to(dt), k.to(dt), v.to(dt), eta.to(dt)
+    ys = []
+    a, r = 0, p0 % period
+    while a < t:
+        e = min(t, a + period - r)
+        ys.append(u[:, a:e] @ W)
+        err = k[:, a:e] @ W - v[:, a:e]  # [b, s, d]: residual of the local loss at the period-start W
+        G = G + (k[:, a:e] * eta[:, a:e, None]).transpose(1, 2) @ err
+        if r + (e - a) == period:  # the period is complete: take the step
+            W = W - G / period
+            G = torch.zeros_like(G)
+        a, r = e, 0
+    return torch.cat(ys, 1), W, G, pos + t
+
+
+def cms_scan_ref(u: Tensor, k: Tensor, v: Tensor, eta: Tensor, W: Tensor, G: Tensor, pos: Tensor, period: int
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Token-loop reference of `cms_scan` (same arguments and results; rows may be at any position)."""
+    _check(u, k, v, eta, W, G, pos, period)
+    dt = W.dtype
+    u, k, v, eta = u.to(dt), k.to(dt), v.to(dt), eta.to(dt)
+    ys = []
+    for i in range(u.shape[1]):
+        ys.append(torch.einsum("bn,bnd->bd", u[:, i], W))
+        err = torch.einsum("bn,bnd->bd", k[:, i], W) - v[:, i]
+        G = G + eta[:, i, None, None] * k[:, i, :, None] * err[:, None, :]
+        pos = pos + 1
+        done = (pos % period == 0)[:, None, None]
+        W = torch.where(done, W - G / period, W)
+        G = torch.where(done, torch.zeros_like(G), G)
+    y = torch.stack(ys, 1) if ys else u.new_zeros(u.shape[0], 0, W.shape[-1]).to(dt)
+    return y, W, G, pos

@@ -1,0 +1,192 @@
+"""Self-modifying Titans recurrence of the HOPE mixer (see nestlm.layers.hope).
+
+Per batch row and head there are two linear memories, both written in context:
+
+    aux  A [R, c], R = 2c + 2: four memories stacked by rows - M_k (c rows), M_v (c rows), M_eta (1),
+         M_alpha (1). Read at the input x_t [c] they produce the keys, values, step sizes and decays:
+             z = A x_t;  k_t = l2norm(z[:c]);  v_t = l2norm(z[c:2c])
+             eta_t = max_lr * sigmoid(z[2c] + b_eta);  1 - alpha_t = sigmoid(-(z[2c+1] + b_alpha))
+    mem  M [c, c]: the main memory, read with the static query q_t: o_t = M q_t.
+
+Both are written by gradient descent with momentum and decay on an L2 associative loss
+l(W; k, target) = 1/2 ||W k - target||^2, at the anchor W_a of the token's chunk (mini-batch GD):
+
+    g_t = (W_a k_t - target_t) k_t^T
+    S_t = mu_t S_{t-1} - eta_t g_t
+    W_t = (1 - alpha_t) W_{t-1} + S_t
+
+Targets are self-generated for the aux memories (each memory's own value of v: target = A_a v_t, so
+each of M_k, M_v, M_eta, M_alpha is pulled towards mapping k_t where it maps v_t; Nested Learning
+eqs. 83-89) and the values themselves for the main memory (target = v_t). eta and alpha are shared by
+all memories of a head; mu_t is the momentum gate of a static projection.
+
+Chunks are fixed on absolute positions from the fresh state, with one chunk size for the main memory
+(`chunk_size`) and one for the aux memories (`aux_chunk_size`). The anchor of a chunk is the memory
+at its start ("the last state of the previous chunk": the causal reading of NL eq. 90), and a token
+both reads and takes its gradient at that anchor - no token sees its own chunk's writes.
+
+Chunked path. Inside a chunk the gradients depend only on the anchor, so the momentum and decay
+recurrences are linear and the chunk-end (or segment-end) memory has a closed form. With log-space
+cumulative sums from the segment start, La_t = sum_{j<=t} log(1 - alpha_j), Lm_t = sum_{j<=t} log mu_j:
+
+    S_n = exp(Lm_n) S_0 - sum_i eta_i exp(Lm_n - Lm_i) g_i
+    W_n = exp(La_n) W_0 + [sum_t exp(La_n - La_t + Lm_t)] S_0
+          - sum_i eta_i [sum_{t>=i} exp(La_n - La_t + Lm_t - Lm_i)] g_i
+
+Every exponent is a sum of logs of factors in (0, 1), hence <= 0: no overflow for long chunks. Each
+g_i is an outer product, so a sum over the segment is one matmul. A segment is a chunk cut by the
+start or end of a call; the state (anchor, current W, S, position) continues a chunk exactly.
+The aux phase runs first (a loop over aux chunks), producing k, v, eta, alpha for every token; the
+main-memory phase (a loop over main chunks) then only needs those.
+
+`selfmod_scan_ref` is the token loop applying the same rule (oracle for tests). Both paths are
+differentiable in every input, including through the inner gradients (second order).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+STATE_KEYS = ("aux_W", "aux_A", "aux_S", "mem_W", "mem_A", "mem_S", "pos")
+
+
+def l2norm(x: Tensor) -> Tensor:
+    return F.normalize(x, dim=-1, eps=1e-6)
+
+
+def _aux_outputs(z: Tensor, c: int, max_lr: float, b_eta: Tensor, b_alpha: Tensor):
+    """z [..., h, 2c+2] -> k, v [..., h, c], eta [..., h], log(1 - alpha) [..., h]."""
+    k = l2norm(z[..., :c])
+    v = l2norm(z[..., c:2 * c])
+    eta = max_lr * torch.sigmoid(z[..., 2 * c] + b_eta)
+    log_keep = F.logsigmoid(-(z[..., 2 * c + 1] + b_alpha))
+    return k, v, eta, log_keep
+
+
+def _segment_update(W: Tensor, S: Tensor, E: Tensor, K: Tensor, eta: Tensor, log_keep: Tensor, log_mu: Tensor
+                    ) -> tuple[Tensor, Tensor]:
+    """Apply a segment's updates in closed form.
+
+    W, S: [b, h, r, c]; E (errors at the anchor): [b, s, h, r]; K: [b, s, h, c];
+    eta, log_keep, log_mu: [b, s, h]. Returns (W, S) after the segment.
+    """
+    La, Lm = log_keep.cumsum(1), log_mu.cumsum(1)  # [b, s, h]
+    La_n, Lm_n = La[:, -1:], Lm[:, -1:]
+    X = La_n - La + Lm  # [b, s(t), h]: log of the factor carrying S_t to the segment end
+    s = eta.shape[1]
+    # D[i, t] = exp(X_t - Lm_i) for t >= i
+    logD = X.transpose(1, 2)[:, :, None, :] - Lm.transpose(1, 2)[:, :, :, None]  # [b, h, s(i), s(t)]
+    upper = torch.ones(s, s, dtype=torch.bool, device=W.device).triu()
+    D = torch.exp(logD.masked_fill(~upper, float("-inf")))
+    w_W = eta * D.sum(-1).transpose(1, 2)  # [b, s, h]
+    w_S = eta * torch.exp(Lm_n - Lm)
+    gW = torch.einsum("bshr,bshc->bhrc", E * w_W[..., None], K)
+    gS = torch.einsum("bshr,bshc->bhrc", E * w_S[..., None], K)
+    cW0 = torch.exp(La_n[:, 0])[..., None, None]  # [b, h, 1, 1]
+    cS0 = torch.exp(X).sum(1)[..., None, None]
+    W_new = cW0 * W + cS0 * S - gW
+    S_new = torch.exp(Lm_n[:, 0])[..., None, None] * S - gS
+    return W_new, S_new
+
+
+def _check(xh: Tensor, q: Tensor, log_mu: Tensor, state: dict, chunk_size: int, aux_chunk_size: int) -> int:
+    b, t, h, c = xh.shape
+    if tuple(q.shape) != (b, t, h, c):
+        raise ValueError(f"selfmod_scan: q must have shape {(b, t, h, c)}, got {tuple(q.shape)}")
+    if tuple(log_mu.shape) != (b, t, h):
+        raise ValueError(f"selfmod_scan: log_mu must have shape {(b, t, h)}, got {tuple(log_mu.shape)}")
+    shapes = {"aux_W": (b, h, 2 * c + 2, c), "aux_A": (b, h, 2 * c + 2, c), "aux_S": (b, h, 2 * c + 2, c),
+              "mem_W": (b, h, c, c), "mem_A": (b, h, c, c), "mem_S": (b, h, c, c), "pos": (b,)}
+    for key, shape in shapes.items():
+        if key not in state:
+            raise ValueError(f"selfmod_scan: state lacks {key!r}")
+        if tuple(state[key].shape) != shape:
+            raise ValueError(f"selfmod_scan: state[{key!r}] must have shape {shape}, got {tuple(state[key].shape)}")
+    for name, cs in (("chunk_size", chunk_size), ("aux_chunk_size", aux_chunk_size)):
+        if not isinstance(cs, int) or cs < 1:
+            raise ValueError(f"selfmod_scan: {name} must be a positive int, got {cs!r}")
+    return c
+
+
+def _segments(p0: int, t: int, C: int):
+    """Consecutive [a, e) pieces of [0, t) cut at absolute multiples of C; yields (a, e, starts_chunk)."""
+    a, r = 0, p0 % C
+    while a < t:
+        e = min(t, a + C - r)
+        yield a, e, r == 0
+        a, r = e, 0
+
+
+def selfmod_scan(xh: Tensor, q: Tensor, log_mu: Tensor, b_eta: Tensor, b_alpha: Tensor, max_lr: float,
+                 state: dict, chunk_size: int, aux_chunk_size: int) -> tuple[Tensor, dict]:
+    """Chunked self-modifying Titans.
+
+    xh: [b, t, h, c] memory inputs; q: [b, t, h, c] queries (normalised by the caller);
+    log_mu: [b, t, h] log momentum; b_eta, b_alpha: [h] static biases of the step size / decay;
+    state: dict with STATE_KEYS (see module docstring; all rows at the same position).
+    Returns (o [b, t, h, c], new state).
+    """
+    c = _check(xh, q, log_mu, state, chunk_size, aux_chunk_size)
+    b, t = xh.shape[:2]
+    pos = state["pos"]
+    p0 = int(pos[0]) if b else 0
+    if b and not bool((pos == p0).all()):
+        raise ValueError("selfmod_scan: state['pos'] must be equal across the batch")
+    dt = state["mem_W"].dtype
+    xh, q, log_mu, b_eta, b_alpha = (x.to(dt) for x in (xh, q, log_mu, b_eta, b_alpha))
+    W, A, S = state["aux_W"], state["aux_A"], state["aux_S"]
+    ks, vs, etas, lks = [], [], [], []
+    for a, e, fresh in _segments(p0, t, aux_chunk_size):
+        if fresh:
+            A = W
+        z = torch.einsum("bshc,bhrc->bshr", xh[:, a:e], A)
+        k, v, eta, lk = _aux_outputs(z, c, max_lr, b_eta, b_alpha)
+        E = torch.einsum("bshc,bhrc->bshr", k - v, A)  # A k - A v: error against the self-generated target
+        W, S = _segment_update(W, S, E, k, eta, lk, log_mu[:, a:e])
+        ks.append(k), vs.append(v), etas.append(eta), lks.append(lk)
+    new = {"aux_W": W, "aux_A": A, "aux_S": S}
+    if t:
+        k, v, eta, lk = (torch.cat(x, 1) for x in (ks, vs, etas, lks))
+    W, A, S = state["mem_W"], state["mem_A"], state["mem_S"]
+    outs = []
+    for a, e, fresh in _segments(p0, t, chunk_size):
+        if fresh:
+            A = W
+        outs.append(torch.einsum("bshc,bhrc->bshr", q[:, a:e], A))
+        E = torch.einsum("bshc,bhrc->bshr", k[:, a:e], A) - v[:, a:e]
+        W, S = _segment_update(W, S, E, k[:, a:e], eta[:, a:e], lk[:, a:e], log_mu[:, a:e])
+    new.update(mem_W=W, mem_A=A, mem_S=S, pos=pos + t)
+    o = torch.cat(outs, 1) if outs else q.new_zeros(b, 0, *q.shape[2:])
+    return o, new
+
+
+def selfmod_scan_ref(xh: Tensor, q: Tensor, log_mu: Tensor, b_eta: Tensor, b_alpha: Tensor, max_lr: float,
+                     state: dict, chunk_size: int, aux_chunk_size: int) -> tuple[Tensor, dict]:
+    """Token-loop reference of `selfmod_scan` (same arguments and results; rows may be at any position)."""
+    c = _check(xh, q, log_mu, state, chunk_size, aux_chunk_size)
+    dt = state["mem_W"].dtype
+    xh, q, log_mu, b_eta, b_alpha = (x.to(dt) for x in (xh, q, log_mu, b_eta, b_alpha))
+    st = dict(state)
+    outs = []
+    for i in range(xh.shape[1]):
+        pos = st["pos"]
+        for name, C in (("aux", aux_chunk_size), ("mem", chunk_size)):
+            refresh = (pos % C == 0)[:, None, None, None]
+            st[f"{name}_A"] = torch.where(refresh, st[f"{name}_W"], st[f"{name}_A"])
+        mu = log_mu[:, i].exp()[..., None, None]  # [b, h, 1, 1]
+        Aa, Am = st["aux_A"], st["mem_A"]
+        z = torch.einsum("bhc,bhrc->bhr", xh[:, i], Aa)
+        k, v, eta, lk = _aux_outputs(z, c, max_lr, b_eta, b_alpha)
+        keep, eta = lk.exp()[..., None, None], eta[..., None, None]
+        outs.append(torch.einsum("bhc,bhrc->bhr", q[:, i], Am))
+        targets = {"aux": torch.einsum("bhc,bhrc->bhr", v, Aa), "mem": v}
+        for name, A in (("aux", Aa), ("mem", Am)):
+            err = torch.einsum("bhc,bhrc->bhr", k, A) - targets[name]
+            g = err[..., :, None] * k[..., None, :]
+            st[f"{name}_S"] = mu * st[f"{name}_S"] - eta * g
+            st[f"{name}_W"] = keep * st[f"{name}_W"] + st[f"{name}_S"]
+        st["pos"] = pos + 1
+    o = torch.stack(outs, 1) if outs else q.new_zeros(q.shape)
+    return o, st

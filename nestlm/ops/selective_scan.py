@@ -1,0 +1,298 @@
+"""Mamba-1 selective scan: the chunked CPU/GPU PyTorch path and its token-loop reference.
+
+Per channel d with diagonal state h [n] and real A[d, n] (normally negative):
+
+    delta_t = softplus(delta_t + delta_bias)     (bias / softplus optional)
+    h_t     = exp(delta_t * A) * h_{t-1} + delta_t * u_t * B_t
+    y_t     = C_t . h_t + D * u_t,  then  y_t *= silu(z_t)   (z optional)
+
+Same signature and semantics as mamba_ssm's selective_scan_fn, plus `initial_state` ([b, d, n],
+zeros when None) so a layer can stream. B and C are [b, n, l] (shared by all channels) or grouped
+[b, g, n, l] (channel i reads group i // (d // g)). `A` must be real.
+
+Fast path (`_ChunkedScan`): time is cut into chunks. For each chunk the decays exp(delta * A), the
+inputs delta * u * B and the read-out C . h are computed as whole-chunk tensor ops; only the
+elementwise recurrence h_t = a_t * h_{t-1} + x_t runs step by step, as one fused multiply-add per
+step with no autograd graph. Only the state at each chunk start is kept; the backward pass
+recomputes a chunk's states from it and runs the adjoint recurrence g_t = C_t gy_t + a_{t+1} g_{t+1}
+in reverse, so memory is O(b d n (l / chunk + chunk)) instead of O(b d n l). Decays are exp of
+delta * A (never of a positive sum when A <= 0), in fp32 (fp64 for fp64 inputs).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from nestlm.ops import backends
+
+DEFAULT_CHUNK = 64
+
+
+def _check(u, delta, A, B, C, D, z, delta_bias, initial_state) -> tuple[int, ...]:
+    if u.dim() != 3:
+        raise ValueError(f"selective_scan: u must be [batch, dim, seqlen], got shape {tuple(u.shape)}")
+    b, d, length = u.shape
+    if tuple(delta.shape) != (b, d, length):
+        raise ValueError(
+            f"selective_scan: delta must have u's shape {(b, d, length)}, got {tuple(delta.shape)}"
+        )
+    if A.is_complex():
+        raise ValueError("selective_scan: complex A is not supported; A must be a real [dim, dstate] tensor")
+    if A.dim() != 2 or A.shape[0] != d:
+        raise ValueError(f"selective_scan: A must be [dim={d}, dstate], got shape {tuple(A.shape)}")
+    n = A.shape[1]
+    for name, M in (("B", B), ("C", C)):
+        ok = (M.dim() == 3 and tuple(M.shape) == (b, n, length)) or (
+            M.dim() == 4
+            and M.shape[0] == b
+            and M.shape[2:] == (n, length)
+            and M.shape[1] >= 1
+            and d % M.shape[1] == 0
+        )
+        if not ok:
+            raise ValueError(
+                f"selective_scan: {name} must be [batch, dstate, seqlen]={(b, n, length)} or "
+                f"[batch, groups, dstate, seqlen] with groups dividing dim={d}, got {tuple(M.shape)}"
+            )
+    if B.dim() == 4 and C.dim() == 4 and B.shape[1] != C.shape[1]:
+        raise ValueError(
+            f"selective_scan: B and C must have the same groups, got {B.shape[1]} and {C.shape[1]}"
+        )
+    if D is not None and tuple(D.shape) != (d,):
+        raise ValueError(f"selective_scan: D must be [dim={d}], got shape {tuple(D.shape)}")
+    if z is not None and tuple(z.shape) != (b, d, length):
+        raise ValueError(f"selective_scan: z must have u's shape {(b, d, length)}, got {tuple(z.shape)}")
+    if delta_bias is not None and tuple(delta_bias.shape) != (d,):
+        raise ValueError(f"selective_scan: delta_bias must be [dim={d}], got shape {tuple(delta_bias.shape)}")
+    if initial_state is not None and tuple(initial_state.shape) != (b, d, n):
+        raise ValueError(
+            f"selective_scan: initial_state must be [batch, dim, dstate]={(b, d, n)}, "
+            f"got {tuple(initial_state.shape)}"
+        )
+    return b, d, length, n
+
+
+def _grouped(M: torch.Tensor) -> torch.Tensor:
+    """[b, n, l] -> [b, 1, n, l]; grouped [b, g, n, l] unchanged."""
+    return M.unsqueeze(1) if M.dim() == 3 else M
+
+
+def _prepare_delta(delta, delta_bias, delta_softplus, dtype):
+    delta = delta.to(dtype)
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(dtype)[:, None]
+    return F.softplus(delta) if delta_softplus else delta
+
+
+def _finish(y, u, D, z, out_dtype):
+    """y + D u, gated by silu(z); all [b, d, l]."""
+    if D is not None:
+        y = y + u.to(y.dtype) * D.to(y.dtype)[:, None]
+    if z is not None:
+        y = y * F.silu(z.to(y.dtype))
+    return y.to(out_dtype)
+
+
+def _time_major(t: torch.Tensor, t0: int, t1: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Slice [..., t0:t1] of a [b, ..., l] tensor and move time first: [t1 - t0, *shape]."""
+    return t[..., t0:t1].movedim(-1, 0).reshape(t1 - t0, *shape)
+
+
+class _ChunkedScan(torch.autograd.Function):
+    """Core scan y_t = C_t . h_t, h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t (see module doc).
+
+    u, delta: [b, d, l]; A: [d, n]; B, C: [b, g, n, l]; h0: [b, d, n]; all one float dtype.
+    Returns y [b, d, l] and the last state [b, d, n].
+    """
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, h0, chunk):
+        b, d, length = u.shape
+        g, n = B.shape[1], B.shape[2]
+        dg = d // g
+        Ag = A.reshape(g, dg, n)
+        y = u.new_empty(b, d, length)
+        c = max(1, min(chunk, length))
+        decay = u.new_empty(c, b, g, dg, n)  # reused buffers: [time, b, g, d/g, n]
+        hs = u.new_empty(c, b, g, dg, n)
+        starts = []
+        h = h0.reshape(b, g, dg, n)
+        for t0 in range(0, length, c):
+            t1 = min(t0 + c, length)
+            starts.append(h)
+            # clone: the buffers are overwritten by the next chunk
+            h = _chunk_states(u, delta, Ag, B, t0, t1, h, decay, hs).clone()
+            Ct = _time_major(C, t0, t1, (b, g, n))
+            yc = (hs[: t1 - t0] @ Ct[..., None]).squeeze(-1)  # [c, b, g, dg]
+            y[:, :, t0:t1] = yc.reshape(t1 - t0, b, d).movedim(0, -1)
+        last = h.reshape(b, d, n).clone()  # never alias a saved chunk start
+        ctx.save_for_backward(u, delta, A, B, C, *starts)
+        ctx.chunk = c
+        return y, last
+
+    @staticmethod
+    def backward(ctx, gy, glast):
+        u, delta, A, B, C, *starts = ctx.saved_tensors
+        c = ctx.chunk
+        b, d, length = u.shape
+        g, n = B.shape[1], B.shape[2]
+        dg = d // g
+        Ag = A.reshape(g, dg, n)
+        if gy is None:
+            gy = u.new_zeros(b, d, length)
+        carry = u.new_zeros(b, g, dg, n) if glast is None else glast.reshape(b, g, dg, n).to(u.dtype)
+        gu, gdelta = torch.empty_like(u), torch.empty_like(delta)
+        gB, gC = torch.empty_like(B), torch.empty_like(C)
+        gA = torch.zeros(g, dg, n, dtype=u.dtype, device=u.device)
+        decay = u.new_empty(c, b, g, dg, n)
+        hs = u.new_empty(c, b, g, dg, n)
+        gh = u.new_empty(c, b, g, dg, n)
+        nchunks = len(starts)
+        for k in reversed(range(nchunks)):
+            t0 = k * c
+            t1 = min(t0 + c, length)
+            cl = t1 - t0
+            _chunk_states(u, delta, Ag, B, t0, t1, starts[k], decay, hs)
+            a, h, G = decay[:cl], hs[:cl], gh[:cl]
+            dl = _time_major(delta, t0, t1, (b, g, dg))
+            ul = _time_major(u, t0, t1, (b, g, dg))
+            Bt = _time_major(B, t0, t1, (b, g, n))
+            Ct = _time_major(C, t0, t1, (b, g, n))
+            gyt = _time_major(gy, t0, t1, (b, g, dg))
+            # adjoint recurrence: G_t = dL/dh_t = C_t gy_t + a_{t+1} G_{t+1}
+            torch.mul(gyt[..., None], Ct[:, :, :, None, :], out=G)
+            G[cl - 1] += carry
+            for t in range(cl - 2, -1, -1):
+                G[t].addcmul_(a[t + 1], G[t + 1])
+            carry = a[0] * G[0]
+            # dL/d(log decay_t) = G_t * a_t * h_{t-1}
+            glog = G * a
+            glog[1:] *= h[:-1]
+            glog[0] *= starts[k].reshape(b, g, dg, n)
+            GB = (G @ Bt[..., None]).squeeze(-1)  # [cl, b, g, dg]
+            gdl = (glog * Ag).sum(-1) + GB * ul
+            gul = GB * dl
+            gA += (glog * dl[..., None]).sum((0, 1))
+            gBt = ((dl * ul)[..., None, :] @ G).squeeze(-2)  # [cl, b, g, n]
+            gCt = (gyt[..., None, :] @ h).squeeze(-2)
+            gu[:, :, t0:t1] = gul.reshape(cl, b, d).movedim(0, -1)
+            gdelta[:, :, t0:t1] = gdl.reshape(cl, b, d).movedim(0, -1)
+            gB[..., t0:t1] = gBt.movedim(0, -1)
+            gC[..., t0:t1] = gCt.movedim(0, -1)
+        gh0 = carry.reshape(b, d, n)
+        return gu, gdelta, gA.reshape(d, n), gB, gC, gh0, None
+
+
+def _chunk_states(u, delta, Ag, B, t0, t1, h, decay, hs):
+    """Fill decay[:cl] = exp(delta A) and hs[:cl] = states h_t for t in [t0, t1) from h = h_{t0-1}.
+
+    u, delta: [b, d, l]; Ag: [g, d/g, n]; B: [b, g, n, l]; h: [b, g, d/g, n]. Returns h_{t1-1}.
+    """
+    cl = t1 - t0
+    b, g, n = B.shape[0], B.shape[1], B.shape[2]
+    dg = Ag.shape[1]
+    dl = _time_major(delta, t0, t1, (b, g, dg))
+    du = dl * _time_major(u, t0, t1, (b, g, dg))
+    a, x = decay[:cl], hs[:cl]
+    torch.mul(dl[..., None], Ag, out=a)
+    a.exp_()
+    torch.mul(du[..., None], _time_major(B, t0, t1, (b, g, n))[:, :, :, None, :], out=x)
+    # the recurrence, in place: x_t <- x_t + a_t * h_{t-1}
+    x[0].addcmul_(a[0], h)
+    for t in range(1, cl):
+        x[t].addcmul_(a[t], x[t - 1])
+    return x[cl - 1]
+
+
+def _selective_scan_torch(
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state, chunk=DEFAULT_CHUNK
+):
+    b, d, length, n = _check(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    cd = backends.compute_dtype(u, delta, A, B, C, initial_state)
+    delta_ = _prepare_delta(delta, delta_bias, delta_softplus, cd)
+    h0 = u.new_zeros(b, d, n, dtype=cd) if initial_state is None else initial_state.to(cd)
+    y, last = _ChunkedScan.apply(
+        u.to(cd), delta_, A.to(cd), _grouped(B).to(cd), _grouped(C).to(cd), h0, chunk
+    )
+    out = _finish(y, u, D, z, u.dtype)
+    return (out, last) if return_last_state else out
+
+
+def selective_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    *,
+    initial_state: torch.Tensor | None = None,
+):
+    """Selective scan.
+
+    u, delta: [b, d, l]; A: [d, n]; B, C: [b, n, l] or [b, g, n, l]; D: [d]; z: [b, d, l];
+    delta_bias: [d]; initial_state: [b, d, n].
+    returns out [b, d, l] in u's dtype (and last_state [b, d, n], fp32 or fp64, when asked).
+    On CUDA the mamba-ssm kernel is used when importable and no initial_state is given.
+    """
+    _check(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    if (
+        backends.choose("selective_scan", u.device) == "vendor"
+        and initial_state is None
+        and u.dtype != torch.float64
+    ):
+        fn = backends.vendor_fn("selective_scan")
+        return fn(
+            u,
+            delta,
+            A,
+            B,
+            C,
+            D=D,
+            z=z,
+            delta_bias=delta_bias,
+            delta_softplus=delta_softplus,
+            return_last_state=return_last_state,
+        )
+    return _selective_scan_torch(
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state
+    )
+
+
+def selective_scan_ref(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    *,
+    initial_state: torch.Tensor | None = None,
+):
+    """Token loop over the recurrence in the module docstring (plain autograd, fp64-able)."""
+    b, d, length, n = _check(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    cd = backends.compute_dtype(u, delta, A, B, C, initial_state)
+    delta_ = _prepare_delta(delta, delta_bias, delta_softplus, cd)
+    Bg, Cg = _grouped(B).to(cd), _grouped(C).to(cd)
+    per_group = d // Bg.shape[1]
+    A_ = A.to(cd)
+    h = u.new_zeros(b, d, n, dtype=cd) if initial_state is None else initial_state.to(cd)
+    ys = []
+    steps = zip(u.to(cd).unbind(-1), delta_.unbind(-1), Bg.unbind(-1), Cg.unbind(-1))
+    for u_t, dt_t, B_t, C_t in steps:
+        B_t = B_t.repeat_interleave(per_group, dim=1)  # [b, d, n]
+        C_t = C_t.repeat_interleave(per_group, dim=1)
+        h = torch.exp(dt_t[:, :, None] * A_) * h + (dt_t * u_t)[:, :, None] * B_t
+        ys.append((h * C_t).sum(-1))
+    y = torch.stack(ys, dim=-1) if ys else u.new_zeros(b, d, 0, dtype=cd)
+    out = _finish(y, u, D, z, u.dtype)
+    return (out, h) if return_last_state else out

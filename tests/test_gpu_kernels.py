@@ -1,0 +1,117 @@
+"""csrc/ memory-scan kernels against the fp64 token loop (needs CUDA; skipped elsewhere).
+
+Fresh random inputs per case, every kernel output pre-filled with NaN, forward outputs, final
+states and every gradient compared by relative error ||out - ref|| / ||ref||. Tolerances: fp32
+arithmetic well under 1e-3 (we ask 2e-4); bf16 inputs and outputs between 1e-3 and 1e-2 (we ask
+1e-2) against the reference fed the same bf16-rounded inputs.
+"""
+
+import pytest
+import torch
+from memory_scan_ref import linear_memory_scan_loop, random_inputs
+
+from nestlm.ops.memory_fused import linear_memory_scan_fused
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+TOL = {torch.float32: 2e-4, torch.bfloat16: 1e-2}
+NAMES = ["q", "k", "v", "lr", "momentum", "decay", "W", "S", "W_anchor"]
+
+
+@pytest.fixture(scope="module")
+def ext():
+    from nestlm.ops import _csrc
+
+    mod = _csrc.load()
+    assert mod is not None, "the csrc extension failed to build (see the log)"
+    mod.set_poison(True)
+    yield mod
+    mod.set_poison(False)
+
+
+def rel(out, ref):
+    out = out.detach().double().cpu()
+    assert not torch.isnan(out).any(), "NaN in kernel output (unwritten element or overflow)"
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def check_case(b, L, h, dk, dv, C, offset, dtype):
+    cpu = random_inputs(b, L, h, dk, dv)
+    if dtype == torch.bfloat16:  # the reference sees exactly what the kernel sees
+        for i in range(3):
+            cpu[i] = cpu[i].to(torch.bfloat16).double()
+    needs_anchor = offset % C != 0
+    n_in = 9 if needs_anchor else 8
+    ref_in = [t.clone().requires_grad_(True) for t in cpu[:n_in]]
+    dev_in = [t.to("cuda", dtype if i < 3 else torch.float32).requires_grad_(True)
+              for i, t in enumerate(cpu[:n_in])]
+    anchor_ref = ref_in[8] if needs_anchor else None
+    anchor_dev = dev_in[8] if needs_anchor else None
+    y_r, st_r = linear_memory_scan_loop(*ref_in[:8], anchor_ref, chunk_size=C, offset=offset)
+    y, st = linear_memory_scan_fused(*dev_in[:8], anchor_dev, chunk_size=C, offset=offset, use_kernel=True)
+    tol = TOL[dtype]
+    errs = {"y": rel(y, y_r)}
+    for name, o, r in zip(("W_end", "S_end", "A_end"), st, st_r):
+        errs[name] = rel(o, r)
+    cots = [torch.randn(t.shape, dtype=torch.float64) for t in (y_r, *st_r)]
+    loss_r = sum((c * t).sum() for c, t in zip(cots, (y_r, *st_r)))
+    loss = sum((c.to("cuda", t.dtype) * t).float().sum() for c, t in zip(cots, (y, *st)))
+    g_r = torch.autograd.grad(loss_r, ref_in)
+    g = torch.autograd.grad(loss, dev_in)
+    for name, o, r in zip(NAMES, g, g_r):
+        errs["d" + name] = rel(o, r)
+    bad = {k: v for k, v in errs.items() if not v <= tol}
+    assert not bad, f"relative errors over {tol}: {bad}"
+
+
+@pytest.mark.parametrize(
+    "b,L,h,dk,dv,C,offset",
+    [
+        (1, 1, 1, 32, 32, 16, 0),
+        (2, 63, 3, 64, 64, 16, 0),
+        (2, 257, 2, 128, 128, 16, 0),
+        (1, 100, 2, 64, 128, 64, 0),
+        (2, 77, 1, 128, 64, 7, 3),
+        (1, 45, 2, 32, 96, 16, 11),
+        (1, 5, 2, 64, 32, 16, 9),
+    ],
+)
+def test_kernel_matches_token_loop_fp32(ext, b, L, h, dk, dv, C, offset):
+    check_case(b, L, h, dk, dv, C, offset, torch.float32)
+
+
+@pytest.mark.parametrize("b,L,h,dk,dv,C,offset", [(2, 63, 2, 64, 64, 16, 0), (1, 129, 2, 128, 128, 32, 5)])
+def test_kernel_matches_token_loop_bf16(ext, b, L, h, dk, dv, C, offset):
+    check_case(b, L, h, dk, dv, C, offset, torch.bfloat16)
+
+
+def test_kernel_streaming_pieces_equal_one_call(ext):
+    C = 16
+    x = [t.to("cuda", torch.float32) for t in random_inputs(2, 150, 2, 64, 64)]
+    q, k, v, lr, mom, dec, W, S, _ = x
+    y_full, (W_full, S_full, _) = linear_memory_scan_fused(q, k, v, lr, mom, dec, W, S, chunk_size=C,
+                                                          use_kernel=True)
+    ys, A, pos = [], None, 0
+    for n in (1, 20, 16, 37, 64, 12):
+        sl = slice(pos, pos + n)
+        y, (W, S, A) = linear_memory_scan_fused(q[:, sl], k[:, sl], v[:, sl], lr[:, sl], mom[:, sl],
+                                                dec[:, sl], W, S, A, chunk_size=C, offset=pos,
+                                                use_kernel=True)
+        ys.append(y)
+        pos += n
+    assert pos == 150
+    assert rel(torch.cat(ys, 1), y_full.double().cpu()) < 1e-5
+    assert rel(W, W_full.double().cpu()) < 1e-5 and rel(S, S_full.double().cpu()) < 1e-5
+
+
+def test_dispatch_picks_kernel_and_env_forces_torch(ext, monkeypatch):
+    from nestlm.ops import backends
+
+    q = torch.randn(1, 4, 1, 64, device="cuda")
+    assert backends.memory_scan_backend(q, q, 16) == "csrc"
+    monkeypatch.setenv("NESTLM_BACKEND", "torch")
+    assert backends.memory_scan_backend(q, q, 16) == "torch"
+    assert backends.memory_scan_backend(torch.randn(1, 4, 1, 48, device="cuda"), q, 16) == "torch"
