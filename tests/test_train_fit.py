@@ -46,8 +46,8 @@ def test_offline_wandb_history_has_metrics(run):
     rows = wandb_history(run["run_dir"])
     keys = set().union(*rows)
     for k in ("train/loss", "train/ppl", "train/grad_norm", "lr-AdamW/decay", "lr-AdamW/no_decay",
-              "train/tokens_per_sec", "train/device/flops_per_sec", "train/device/mfu", "sys/peak_mem_mb", "sys/data_time_s",
-              "val/loss"):
+              "train/tokens_per_sec", "train/device/flops_per_sec", "train/device/mfu", "sys/peak_mem_mb",
+              "sys/data_time_s", "val/loss"):
         assert k in keys, (k, sorted(keys))
     logged = [r["train/loss"] for r in rows if "train/loss" in r]
     assert len(logged) >= STEPS - 1 and all(math.isfinite(v) for v in logged)
