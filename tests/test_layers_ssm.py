@@ -168,6 +168,18 @@ def test_batch_independence(name):
     assert rel_err(y1[0], y[2]) <= 1e-12
 
 
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_fresh_state_equals_zero_state(name):
+    """state=None (scans get no initial state) == an explicit init_state (zeros); same state dtypes."""
+    layer = make(name)
+    x = torch.randn(2, 23, width(layer), dtype=torch.float64)
+    y0, s0 = layer(x)
+    y1, s1 = layer(x, layer.init_state(2, x.device, x.dtype))
+    assert rel_err(y0, y1) <= 1e-12
+    for k in s1:
+        assert s0[k].dtype == s1[k].dtype and rel_err(s0[k], s1[k]) <= 1e-12
+
+
 def test_parameter_counts():
     d, n, w, e = 40, 9, 3, 3
     di, r = e * d, math.ceil(d / 16)
@@ -259,3 +271,26 @@ def test_matches_huggingface_mixers():
     ours.load_state_dict(hf.state_dict())
     with torch.no_grad():
         assert rel_err(ours(x)[0], hf.eval()(x)) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["mamba", "mamba2", "mamba2_groups"])
+def test_cuda_layers_match_cpu_fp64(name):
+    """On CUDA (vendor kernels when importable, else the PyTorch path), fp32: one call and a streamed
+    call agree with the fp64 CPU layer in outputs and gradients."""
+    cpu = make(name)
+    gpu = make(name).float().cuda()
+    x = torch.randn(2, 150, width(cpu), dtype=torch.float64)
+    w = torch.randn_like(x)
+    xc = x.clone().requires_grad_(True)
+    (cpu(xc)[0] * w).sum().backward()
+    xg = x.float().cuda().requires_grad_(True)
+    y, _ = gpu(xg)
+    (y * w.float().cuda()).sum().backward()
+    ys, _ = run_pieces(gpu, xg.detach(), [1, 70, 79])
+    assert rel_err(y.double().cpu(), cpu(x)[0]) < 1e-4
+    assert rel_err(ys.double().cpu(), cpu(x)[0]) < 1e-4
+    assert rel_err(xg.grad.double().cpu(), xc.grad) < 1e-3
+    for pc, pg in zip(cpu.parameters(), gpu.parameters()):
+        assert rel_err(pg.grad.double().cpu(), pc.grad) < 1e-3

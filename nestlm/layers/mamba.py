@@ -120,7 +120,9 @@ class Mamba(nn.Module):
                 f"Mamba input x has shape {tuple(x.shape)}: expected [batch, time, {self.d_model}]"
             )
         b = x.shape[0]
-        if state is None:
+        # A fresh state goes to the scan as None: the CUDA kernels take that fast path.
+        fresh = state is None
+        if fresh:
             state = self.init_state(b, x.device, x.dtype)
         ssm_state = state["ssm"]
         expected = (b, self.d_inner, self.d_state)
@@ -134,13 +136,13 @@ class Mamba(nn.Module):
         dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # [b, d_inner, t]
         sd = state_dtype(self.A_log.dtype)
         A = -torch.exp(self.A_log.to(sd))
-        y, ssm_state = ops.selective_scan(
+        y, last_ssm = ops.selective_scan(
             xs, dt, A, B.transpose(1, 2), C.transpose(1, 2), D=self.D.to(sd), z=z,
             delta_bias=self.dt_proj.bias.to(sd), delta_softplus=True, return_last_state=True,
-            initial_state=ssm_state,
+            initial_state=None if fresh else ssm_state,
         )
         y = self.out_proj(y.transpose(1, 2).to(x.dtype))
-        return y, {"conv": conv_state, "ssm": ssm_state.to(state["ssm"].dtype)}
+        return y, {"conv": conv_state, "ssm": last_ssm.to(ssm_state.dtype)}
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_inner={self.d_inner}, d_state={self.d_state}, "

@@ -139,7 +139,9 @@ class Mamba2(nn.Module):
                 f"Mamba2 input x has shape {tuple(x.shape)}: expected [batch, time, {self.d_model}]"
             )
         b, t, _ = x.shape
-        if state is None:
+        # A fresh state goes to the scan as None: the CUDA kernels take that fast path.
+        fresh = state is None
+        if fresh:
             state = self.init_state(b, x.device, x.dtype)
         ssm_state = state["ssm"]
         expected = (b, self.nheads, self.headdim, self.d_state)
@@ -152,14 +154,14 @@ class Mamba2(nn.Module):
                                               self.ngroups * self.d_state], dim=-1)
         sd = state_dtype(self.A_log.dtype)
         A = -torch.exp(self.A_log.to(sd))
-        y, ssm_state = ops.ssd_scan(
+        y, last_ssm = ops.ssd_scan(
             xs.unflatten(-1, (self.nheads, self.headdim)), dt, A,
             B.unflatten(-1, (self.ngroups, self.d_state)), C.unflatten(-1, (self.ngroups, self.d_state)),
-            self.chunk_size, D=self.D.to(sd), dt_bias=self.dt_bias.to(sd), initial_states=ssm_state,
+            self.chunk_size, D=self.D.to(sd), dt_bias=self.dt_bias.to(sd), initial_states=None if fresh else ssm_state,
             dt_softplus=True, return_final_states=True,
         )
         y = self.norm(y.flatten(-2).to(x.dtype), z)
-        return self.out_proj(y), {"conv": conv_state, "ssm": ssm_state.to(state["ssm"].dtype)}
+        return self.out_proj(y), {"conv": conv_state, "ssm": last_ssm.to(ssm_state.dtype)}
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_inner={self.d_inner}, nheads={self.nheads}, "
