@@ -157,12 +157,19 @@ class SyntheticTrajectories(_StreamDataModule):
         tok = get_tokenizer()
         self.pad_id, self.vocab_size = tok.pad_id, tok.vocab_size
 
-    def _rows(self, rng: np.random.Generator, split: str) -> dict[str, torch.Tensor]:
-        rows = []
+    def episode_specs(self, rng: np.random.Generator) -> list[tuple[str, int, int]]:
+        """(env, n_steps, episode seed) of each row, drawn from the batch's generator."""
+        specs = []
         for _ in range(self.batch_size):
             env = self.envs[int(rng.integers(len(self.envs)))]
             n_steps = int(rng.integers(self.min_steps, self.max_steps + 1))
-            ep = self._gen(env, n_steps=n_steps, seed=int(rng.integers(2**31 - 1)), split=split)
+            specs.append((env, n_steps, int(rng.integers(2**31 - 1))))
+        return specs
+
+    def _rows(self, rng: np.random.Generator, split: str) -> dict[str, torch.Tensor]:
+        rows = []
+        for env, n_steps, seed in self.episode_specs(rng):
+            ep = self._gen(env, n_steps=n_steps, seed=seed, split=split)
             rows.append(window_sample(np.asarray(ep.tokens, dtype=np.int64), self.seq_len, self.pad_id, None))
         return _stack(rows)
 

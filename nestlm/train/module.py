@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import functools
 import math
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+import yaml
 from torch.utils.checkpoint import checkpoint
 
 from nestlm.models import HybridConfig, HybridLM
@@ -27,11 +29,24 @@ from nestlm.models.state import State
 from nestlm.train.callbacks import check_finite_loss
 
 
+def read_config_file(path: str) -> dict[str, Any]:
+    """A HybridConfig dict from a YAML / JSON file (configs/model/<preset>-<size>.yaml)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"NestLM.config: no model config file at {p}")
+    d = yaml.safe_load(p.read_text())
+    if not isinstance(d, dict):
+        raise ValueError(f"NestLM.config: {p} does not hold a mapping of HybridConfig fields")
+    return d
+
+
 def build_config(preset: str | None, size: str, overrides: dict[str, Any] | None,
-                 config: dict[str, Any] | None) -> HybridConfig:
-    """A full `config` dict wins; otherwise `preset` at `size` with `overrides` applied."""
+                 config: dict[str, Any] | str | None) -> HybridConfig:
+    """A full `config` (dict or file) wins, with `overrides` applied; otherwise `preset` at `size`."""
     if config is not None:
-        return HybridConfig.from_dict(dict(config))
+        d = read_config_file(config) if isinstance(config, str) else dict(config)
+        d.update(overrides or {})
+        return HybridConfig.from_dict(d)
     if preset is None:
         raise ValueError("NestLM: give either model.preset (with size/overrides) or model.config")
     return HybridConfig.preset(preset, size, **(overrides or {}))
@@ -74,7 +89,9 @@ class NestLM(L.LightningModule):
 
     Args:
         preset, size, overrides: `HybridConfig.preset(preset, size, **overrides)`.
-        config: a full HybridConfig dict instead of a preset (wins when given).
+        config: a full HybridConfig dict, or the path of a YAML file holding one (configs/model/*.yaml);
+            wins over `preset` when given (`overrides` still apply). A path is replaced by its contents
+            in the saved hyperparameters, so a checkpoint never depends on the file.
         lr, betas, eps, weight_decay: AdamW (no decay on norms, biases, 1-D and `_no_weight_decay` params).
         warmup_steps: linear warmup from lr * 1e-3 to lr (torch LinearLR), then cosine (CosineAnnealingLR)
             down to lr * min_lr_ratio at `decay_steps` (default: trainer.max_steps); stepped every step.
@@ -83,7 +100,7 @@ class NestLM(L.LightningModule):
     """
 
     def __init__(self, preset: str | None = "hope-hybrid", size: str = "tiny",
-                 overrides: dict[str, Any] | None = None, config: dict[str, Any] | None = None,
+                 overrides: dict[str, Any] | None = None, config: dict[str, Any] | str | None = None,
                  lr: float = 3e-3, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
                  weight_decay: float = 0.1, warmup_steps: int = 50, decay_steps: int | None = None,
                  min_lr_ratio: float = 0.1, compile_blocks: bool = False,
@@ -93,6 +110,8 @@ class NestLM(L.LightningModule):
             raise ValueError(f"NestLM.warmup_steps={warmup_steps!r} is invalid: expected an int >= 0")
         if not 0.0 <= min_lr_ratio <= 1.0:
             raise ValueError(f"NestLM.min_lr_ratio={min_lr_ratio!r} is invalid: expected a number in [0, 1]")
+        if isinstance(config, str):
+            config = read_config_file(config)
         self.save_hyperparameters()
         self.cfg = build_config(preset, size, overrides, config)
         self.model = HybridLM(self.cfg)
