@@ -235,7 +235,7 @@ def test_layer_chunked_matches_reference_with_all_gradients(depth, L, first_orde
     x = torch.randn(2, L, 24, dtype=F64)
     results = []
     for use_ref in (False, True):
-        m.use_reference = use_ref
+        m.impl = "ref" if use_ref else "chunked"
         m.zero_grad()
         y, st = m(x)
         loss = (y * torch.linspace(-1, 1, y.numel(), dtype=F64).view_as(y)).sum()
