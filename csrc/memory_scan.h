@@ -3,7 +3,8 @@
 // Plain C++ (no CUDA, no torch headers) so that the torch binding and the .cu files share it and
 // each compiles on its own. All tensors are contiguous; sizes and layouts:
 //   q, k        [batch, length, heads, dk]   (fp32 or bf16, `in_dtype`)
-//   v, y        [batch, length, heads, dv]   (same dtype)
+//   v           [batch, length, heads, dv]   (same dtype)
+//   y, dy       [batch, length, heads, dv]   (`out_dtype`: the inputs' dtype or fp32)
 //   lr, momentum, decay  [batch, length, heads]  fp32
 //   W, S, A     [batch, heads, dv, dk]        fp32 (memory, momentum, chunk anchor)
 //   W_states, S_states  [batch, heads, n_seg, dv, dk] fp32 (segment start states, for backward)
@@ -23,6 +24,8 @@ struct MemoryScanShape {
   int chunk_size = 16;
   int64_t offset = 0;  // absolute position of the first token
   InDType in_dtype = InDType::kFloat32;
+  // dtype of y (forward) and of dy (backward): the inputs' dtype, or fp32 over bf16 inputs.
+  InDType out_dtype = InDType::kFloat32;
 };
 
 struct MemoryScanFwdArgs {
@@ -45,6 +48,8 @@ struct MemoryScanBwdArgs {
   void* dv = nullptr;
   float *dlr_part = nullptr, *dmom_part = nullptr, *ddec_part = nullptr;
   float *dW0 = nullptr, *dS0 = nullptr, *dA = nullptr;  // dA: written only when offset is not chunk-aligned
+  // Inner gradients taken at a detached anchor: the anchor gets gradient only through the reads.
+  bool first_order = false;
 };
 
 // Number of segments a call is cut into (chunk boundaries at absolute multiples of chunk_size).

@@ -29,7 +29,7 @@ void launch_check(int code, const char* what) {
 }
 
 MemoryScanShape make_shape(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t chunk_size,
-                           int64_t offset) {
+                           int64_t offset, bool out_fp32) {
   TORCH_CHECK(q.dim() == 4, "q must be [batch, length, heads, dk], got ", q.sizes());
   TORCH_CHECK(k.sizes() == q.sizes(), "k must match q's shape ", q.sizes(), ", got ", k.sizes());
   TORCH_CHECK(v.dim() == 4 && v.size(0) == q.size(0) && v.size(1) == q.size(1) && v.size(2) == q.size(2),
@@ -48,6 +48,7 @@ MemoryScanShape make_shape(const at::Tensor& q, const at::Tensor& k, const at::T
   s.chunk_size = static_cast<int>(chunk_size);
   s.offset = offset;
   s.in_dtype = q.scalar_type() == at::kBFloat16 ? InDType::kBFloat16 : InDType::kFloat32;
+  s.out_dtype = out_fp32 ? InDType::kFloat32 : s.in_dtype;
   const std::string why = nestlm::memory_scan_check_shape(s);
   TORCH_CHECK(why.empty(), "linear_memory_scan kernel: ", why);
   return s;
@@ -68,12 +69,13 @@ at::Tensor out_like(const at::Tensor& t) { return out_empty(t.sizes(), t.options
 void* as_stream(int64_t stream) { return reinterpret_cast<void*>(static_cast<intptr_t>(stream)); }
 
 // Returns y, W_end, S_end, A_end, W_states, S_states (the last two empty unless save_states).
+// y is fp32 when y_fp32, else in the dtype of q, k, v.
 std::vector<at::Tensor> memory_scan_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                         const at::Tensor& lr, const at::Tensor& momentum,
                                         const at::Tensor& decay, const at::Tensor& W, const at::Tensor& S,
                                         const at::Tensor& A, int64_t chunk_size, int64_t offset,
-                                        bool save_states, int64_t stream) {
-  const MemoryScanShape s = make_shape(q, k, v, chunk_size, offset);
+                                        bool save_states, bool y_fp32, int64_t stream) {
+  const MemoryScanShape s = make_shape(q, k, v, chunk_size, offset, y_fp32);
   const std::vector<int64_t> gate_shape{s.batch, s.length, s.heads};
   const std::vector<int64_t> state_shape{s.batch, s.heads, s.dv, s.dk};
   check_f32(lr, "lr", gate_shape);
@@ -83,7 +85,7 @@ std::vector<at::Tensor> memory_scan_fwd(const at::Tensor& q, const at::Tensor& k
   check_f32(S, "S", state_shape);
   check_f32(A, "W_anchor", state_shape);
   const int64_t n_seg = nestlm::memory_scan_num_segments(s.length, s.chunk_size, s.offset);
-  at::Tensor y = out_like(v);
+  at::Tensor y = out_empty(v.sizes(), v.options().dtype(y_fp32 ? at::kFloat : v.scalar_type()));
   at::Tensor W1 = out_like(W), S1 = out_like(S), A1 = out_like(A);
   const auto f32 = W.options();
   at::Tensor Wst = save_states ? out_empty({s.batch, s.heads, n_seg, s.dv, s.dk}, f32) : at::empty({0}, f32);
@@ -116,8 +118,8 @@ std::vector<at::Tensor> memory_scan_bwd(const at::Tensor& q, const at::Tensor& k
                                         const at::Tensor& W_states, const at::Tensor& S_states,
                                         int64_t chunk_size, int64_t offset, const at::Tensor& dy,
                                         const at::Tensor& dW_end, const at::Tensor& dS_end,
-                                        const at::Tensor& dA_end, int64_t stream) {
-  const MemoryScanShape s = make_shape(q, k, v, chunk_size, offset);
+                                        const at::Tensor& dA_end, bool first_order, int64_t stream) {
+  const MemoryScanShape s = make_shape(q, k, v, chunk_size, offset, dy.scalar_type() == at::kFloat);
   const std::vector<int64_t> gate_shape{s.batch, s.length, s.heads};
   const std::vector<int64_t> state_shape{s.batch, s.heads, s.dv, s.dk};
   const int64_t n_seg = nestlm::memory_scan_num_segments(s.length, s.chunk_size, s.offset);
@@ -132,8 +134,9 @@ std::vector<at::Tensor> memory_scan_bwd(const at::Tensor& q, const at::Tensor& k
   check_f32(dS_end, "grad S_end", state_shape);
   check_f32(dA_end, "grad W_anchor_end", state_shape);
   check_cuda_contig(dy, "grad y");
-  TORCH_CHECK(dy.sizes() == v.sizes() && dy.scalar_type() == v.scalar_type(),
-              "grad y must match y's shape and dtype");
+  TORCH_CHECK(dy.sizes() == v.sizes(), "grad y must have y's shape ", v.sizes(), ", got ", dy.sizes());
+  TORCH_CHECK(dy.scalar_type() == v.scalar_type() || dy.scalar_type() == at::kFloat,
+              "grad y must be float32 or v's dtype, got ", dy.scalar_type());
   const int n_split = s.dv / nestlm::memory_scan_bwd_rows(s.dv);
   const auto f32 = A.options();
   at::Tensor dq_part = out_empty({n_split, s.batch, s.length, s.heads, s.dk}, f32);
@@ -167,6 +170,7 @@ std::vector<at::Tensor> memory_scan_bwd(const at::Tensor& q, const at::Tensor& k
   a.dW0 = dW0.data_ptr<float>();
   a.dS0 = dS0.data_ptr<float>();
   a.dA = dA.data_ptr<float>();
+  a.first_order = first_order;
   launch_check(nestlm::memory_scan_bwd(a, as_stream(stream)), "memory_scan_bwd");
   at::Tensor dgates = dgate_part.sum(1);
   return {dq_part.sum(0).to(q.scalar_type()), dk_part.sum(0).to(k.scalar_type()), dv, dgates[0], dgates[1],

@@ -9,6 +9,7 @@
 //   dA = sum_i dy_i q_i^T + gr_i k_i^T
 //   da_i = -2 r_i . m1_i, dc_i = -2 r_i . m2_i, dE = <dS1, S0>, dB = <dW1, W0>, dgamma = <dW1, S0>
 //   dS0 = E dS1 + gamma dW1,  dW0 = B dW1 (+ dA when the anchor is W0)
+// With first_order the inner gradients see a detached anchor: dA keeps only the read term.
 // dq, dk and the gate gradients are sums over rows, so each slice writes its partial sum; the
 // scalar adjoint map (da, dc, dE, dB, dgamma) -> (dtheta, deta, dalpha) is linear, so the slices
 // push their partials through it independently.
@@ -17,7 +18,7 @@
 namespace nestlm {
 namespace detail {
 
-template <typename T, int DK, int ROWS>
+template <typename T, typename TY, int DK, int ROWS>
 __global__ void __launch_bounds__(kThreads) memory_scan_bwd_kernel(MemoryScanBwdArgs p) {
   constexpr int LD = DK + 1;
   const MemoryScanShape sh = p.shape;
@@ -36,40 +37,37 @@ __global__ void __launch_bounds__(kThreads) memory_scan_bwd_kernel(MemoryScanBwd
   float* sdW = sS0 + ROWS * LD;
   float* sdS = sdW + ROWS * LD;
   float* sQ = sdS + ROWS * LD;
-  float* sK = sQ + kMaxChunk * LD;
-  float* sV = sK + kMaxChunk * LD;  // later reused for r
-  float* sdY = sV + kMaxChunk * ROWS;
-  float* sGR = sdY + kMaxChunk * ROWS;
-  float* sRM1 = sGR + kMaxChunk * ROWS;
-  float* sRM2 = sRM1 + kMaxChunk * ROWS;
-  float* sTh = sRM2 + kMaxChunk * ROWS;
-  float* sEt = sTh + kMaxChunk;
-  float* sAl = sEt + kMaxChunk;
-  float* sa = sAl + kMaxChunk;
-  float* sc = sa + kMaxChunk;
-  float* sP = sc + kMaxChunk;
-  float* sg = sP + kMaxChunk;
-  float* sD = sg + kMaxChunk;
-  float* sda = sD + kMaxChunk;
-  float* sdc = sda + kMaxChunk;
-  float* sEBG = sdc + kMaxChunk;   // 3
+  float* sK = sQ + C * LD;
+  float* sV = sK + C * LD;  // later reused for r
+  float* sdY = sV + C * ROWS;
+  float* sGR = sdY + C * ROWS;
+  float* sRM1 = sGR + C * ROWS;
+  float* sRM2 = sRM1 + C * ROWS;
+  float* sTh = sRM2 + C * ROWS;
+  float* sEt = sTh + C;
+  float* sAl = sEt + C;
+  float* sa = sAl + C;
+  float* sc = sa + C;
+  float* sP = sc + C;
+  float* sg = sP + C;
+  float* sD = sg + C;
+  float* sda = sD + C;
+  float* sdc = sda + C;
+  float* sEBG = sdc + C;   // 3
   float* sRed = sEBG + 4;          // [kWarps][3]
 
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
-  const T* dy = static_cast<const T*>(p.dy);
+  const TY* dy = static_cast<const TY*>(p.dy);
   T* dv_out = static_cast<T*>(p.dv);
   const size_t state_base = (static_cast<size_t>(bh) * DV + r0) * DK;
   const size_t BLH = static_cast<size_t>(sh.batch) * L * H;
-  const bool end_aligned = (sh.offset + L) % C == 0;
 
   for (int idx = tid; idx < ROWS * DK; idx += kThreads) {
     const int d = idx / DK, kk = idx % DK;
     sAin[d * LD + kk] = p.A[state_base + idx];
-    const float dA_end = p.dA_end[state_base + idx];
-    // The returned anchor is W_end when the call ends on a chunk boundary.
-    sdW[d * LD + kk] = p.dW_end[state_base + idx] + (end_aligned ? dA_end : 0.f);
+    sdW[d * LD + kk] = p.dW_end[state_base + idx];
     sdS[d * LD + kk] = p.dS_end[state_base + idx];
   }
 
@@ -220,9 +218,9 @@ __global__ void __launch_bounds__(kThreads) memory_scan_bwd_kernel(MemoryScanBwd
       float dA = 0.f;
       for (int i = 0; i < n; ++i) {
         dA = fmaf(sdY[i * ROWS + d], sQ[i * LD + kk], dA);
-        dA = fmaf(sGR[i * ROWS + d], sK[i * LD + kk], dA);
+        if (!p.first_order) dA = fmaf(sGR[i * ROWS + d], sK[i * LD + kk], dA);
       }
-      if (last && !end_aligned) dA += p.dA_end[state_base + idx];
+      if (last) dA += p.dA_end[state_base + idx];  // the returned anchor is the last segment's
       const float dw1 = sdW[d * LD + kk], ds1 = sdS[d * LD + kk];
       sdS[d * LD + kk] = E * ds1 + G * dw1;
       float dw0 = B * dw1;
@@ -243,16 +241,15 @@ __global__ void __launch_bounds__(kThreads) memory_scan_bwd_kernel(MemoryScanBwd
 }
 
 template <int DK, int ROWS>
-size_t bwd_smem_bytes() {
+size_t bwd_smem_bytes(int C) {
   constexpr int LD = DK + 1;
-  return sizeof(float) *
-         (5 * ROWS * LD + 2 * kMaxChunk * LD + 6 * kMaxChunk * ROWS + 11 * kMaxChunk + 4 + 3 * kWarps);
+  return sizeof(float) * (5 * ROWS * LD + 2 * C * LD + 5 * C * ROWS + 10 * C + 4 + 3 * kWarps);
 }
 
-template <typename T, int DK, int ROWS>
+template <typename T, typename TY, int DK, int ROWS>
 int launch_bwd(const MemoryScanBwdArgs& p, cudaStream_t stream) {
-  const size_t smem = bwd_smem_bytes<DK, ROWS>();
-  auto kernel = memory_scan_bwd_kernel<T, DK, ROWS>;
+  const size_t smem = bwd_smem_bytes<DK, ROWS>(p.shape.chunk_size);
+  auto kernel = memory_scan_bwd_kernel<T, TY, DK, ROWS>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
   if (err != cudaSuccess) return static_cast<int>(err);
@@ -261,13 +258,13 @@ int launch_bwd(const MemoryScanBwdArgs& p, cudaStream_t stream) {
   return static_cast<int>(cudaGetLastError());
 }
 
-template <typename T>
+template <typename T, typename TY>
 int dispatch_bwd(const MemoryScanBwdArgs& p, cudaStream_t stream) {
   constexpr int R = kBwdRows;
   switch (p.shape.dk) {
-    case 32: return launch_bwd<T, 32, R>(p, stream);
-    case 64: return launch_bwd<T, 64, R>(p, stream);
-    case 128: return launch_bwd<T, 128, R>(p, stream);
+    case 32: return launch_bwd<T, TY, 32, R>(p, stream);
+    case 64: return launch_bwd<T, TY, 64, R>(p, stream);
+    case 128: return launch_bwd<T, TY, 128, R>(p, stream);
     default: return static_cast<int>(cudaErrorInvalidValue);
   }
 }
@@ -278,8 +275,11 @@ int memory_scan_bwd(const MemoryScanBwdArgs& p, void* stream) {
   if (memory_scan_check_shape(p.shape)[0] != '\0') return static_cast<int>(cudaErrorInvalidValue);
   if (p.shape.batch == 0 || p.shape.heads == 0) return 0;
   auto st = static_cast<cudaStream_t>(stream);
-  if (p.shape.in_dtype == InDType::kBFloat16) return detail::dispatch_bwd<__nv_bfloat16>(p, st);
-  return detail::dispatch_bwd<float>(p, st);
+  if (p.shape.in_dtype == InDType::kBFloat16) {
+    if (p.shape.out_dtype == InDType::kBFloat16) return detail::dispatch_bwd<__nv_bfloat16, __nv_bfloat16>(p, st);
+    return detail::dispatch_bwd<__nv_bfloat16, float>(p, st);
+  }
+  return detail::dispatch_bwd<float, float>(p, st);
 }
 
 }  // namespace nestlm

@@ -13,7 +13,7 @@
 namespace nestlm {
 namespace detail {
 
-template <typename T, int DK, int ROWS>
+template <typename T, typename TY, int DK, int ROWS>
 __global__ void __launch_bounds__(kThreads) memory_scan_fwd_kernel(MemoryScanFwdArgs p) {
   constexpr int LD = DK + 1;  // padded rows: threads of a warp read different rows at one column
   const MemoryScanShape sh = p.shape;
@@ -29,24 +29,24 @@ __global__ void __launch_bounds__(kThreads) memory_scan_fwd_kernel(MemoryScanFwd
   float* sW = sA + ROWS * LD;
   float* sS = sW + ROWS * LD;
   float* sQ = sS + ROWS * LD;
-  float* sK = sQ + kMaxChunk * LD;
-  float* sV = sK + kMaxChunk * LD;
-  float* sAR = sV + kMaxChunk * ROWS;
-  float* sCR = sAR + kMaxChunk * ROWS;
-  float* sTh = sCR + kMaxChunk * ROWS;
-  float* sEt = sTh + kMaxChunk;
-  float* sAl = sEt + kMaxChunk;
-  float* sa = sAl + kMaxChunk;
-  float* sc = sa + kMaxChunk;
-  float* sP = sc + kMaxChunk;
-  float* sg = sP + kMaxChunk;
-  float* sD = sg + kMaxChunk;
-  float* sEBG = sD + kMaxChunk;
+  float* sK = sQ + C * LD;
+  float* sV = sK + C * LD;
+  float* sAR = sV + C * ROWS;
+  float* sCR = sAR + C * ROWS;
+  float* sTh = sCR + C * ROWS;
+  float* sEt = sTh + C;
+  float* sAl = sEt + C;
+  float* sa = sAl + C;
+  float* sc = sa + C;
+  float* sP = sc + C;
+  float* sg = sP + C;
+  float* sD = sg + C;
+  float* sEBG = sD + C;
 
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
-  T* y = static_cast<T*>(p.y);
+  TY* y = static_cast<TY*>(p.y);
   const size_t state_base = (static_cast<size_t>(bh) * DV + r0) * DK;
 
   for (int idx = tid; idx < ROWS * DK; idx += kThreads) {
@@ -108,7 +108,7 @@ __global__ void __launch_bounds__(kThreads) memory_scan_fwd_kernel(MemoryScanFwd
       const float r = acc_r - sV[o];
       sAR[o] = sa[i] * r;
       sCR[o] = sc[i] * r;
-      y[((static_cast<size_t>(b) * L + s + i) * H + h) * DV + r0 + d] = from_float<T>(acc_y);
+      y[((static_cast<size_t>(b) * L + s + i) * H + h) * DV + r0 + d] = from_float<TY>(acc_y);
     }
     __syncthreads();
 
@@ -128,26 +128,26 @@ __global__ void __launch_bounds__(kThreads) memory_scan_fwd_kernel(MemoryScanFwd
     }
   }
   __syncthreads();
-  const bool end_aligned = (sh.offset + L) % C == 0;
   for (int idx = tid; idx < ROWS * DK; idx += kThreads) {
     const int d = idx / DK, kk = idx % DK;
     const float w = sW[d * LD + kk];
     p.W_out[state_base + idx] = w;
     p.S_out[state_base + idx] = sS[d * LD + kk];
-    p.A_out[state_base + idx] = end_aligned ? w : sA[d * LD + kk];
+    p.A_out[state_base + idx] = sA[d * LD + kk];  // anchor of the chunk holding the last token
   }
 }
 
+// Tiles are sized by the call's chunk size, so short chunks leave room for more blocks per SM.
 template <int DK, int ROWS>
-size_t fwd_smem_bytes() {
+size_t fwd_smem_bytes(int C) {
   constexpr int LD = DK + 1;
-  return sizeof(float) * (3 * ROWS * LD + 2 * kMaxChunk * LD + 3 * kMaxChunk * ROWS + 9 * kMaxChunk + 4);
+  return sizeof(float) * (3 * ROWS * LD + 2 * C * LD + 3 * C * ROWS + 9 * C + 4);
 }
 
-template <typename T, int DK, int ROWS>
+template <typename T, typename TY, int DK, int ROWS>
 int launch_fwd(const MemoryScanFwdArgs& p, cudaStream_t stream) {
-  const size_t smem = fwd_smem_bytes<DK, ROWS>();
-  auto kernel = memory_scan_fwd_kernel<T, DK, ROWS>;
+  const size_t smem = fwd_smem_bytes<DK, ROWS>(p.shape.chunk_size);
+  auto kernel = memory_scan_fwd_kernel<T, TY, DK, ROWS>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
   if (err != cudaSuccess) return static_cast<int>(err);
@@ -156,13 +156,13 @@ int launch_fwd(const MemoryScanFwdArgs& p, cudaStream_t stream) {
   return static_cast<int>(cudaGetLastError());
 }
 
-template <typename T>
+template <typename T, typename TY>
 int dispatch_fwd(const MemoryScanFwdArgs& p, cudaStream_t stream) {
   constexpr int R = kFwdRows;
   switch (p.shape.dk) {
-    case 32: return launch_fwd<T, 32, R>(p, stream);
-    case 64: return launch_fwd<T, 64, R>(p, stream);
-    case 128: return launch_fwd<T, 128, R>(p, stream);
+    case 32: return launch_fwd<T, TY, 32, R>(p, stream);
+    case 64: return launch_fwd<T, TY, 64, R>(p, stream);
+    case 128: return launch_fwd<T, TY, 128, R>(p, stream);
     default: return static_cast<int>(cudaErrorInvalidValue);
   }
 }
@@ -181,6 +181,7 @@ const char* memory_scan_check_shape(const MemoryScanShape& s) {
   if (s.dv < 32 || s.dv > 256 || s.dv % 32 != 0) return "dv (value head dim) must be a multiple of 32 in [32, 256]";
   if (s.chunk_size < 1 || s.chunk_size > detail::kMaxChunk) return "chunk_size must be in [1, 64]";
   if (s.offset < 0) return "offset must be >= 0";
+  if (s.in_dtype == InDType::kFloat32 && s.out_dtype != InDType::kFloat32) return "fp32 inputs need fp32 y";
   if (s.batch < 0 || s.length < 0 || s.heads < 0) return "sizes must be >= 0";
   return "";
 }
@@ -189,8 +190,11 @@ int memory_scan_fwd(const MemoryScanFwdArgs& p, void* stream) {
   if (memory_scan_check_shape(p.shape)[0] != '\0') return static_cast<int>(cudaErrorInvalidValue);
   if (p.shape.batch == 0 || p.shape.heads == 0) return 0;
   auto st = static_cast<cudaStream_t>(stream);
-  if (p.shape.in_dtype == InDType::kBFloat16) return detail::dispatch_fwd<__nv_bfloat16>(p, st);
-  return detail::dispatch_fwd<float>(p, st);
+  if (p.shape.in_dtype == InDType::kBFloat16) {
+    if (p.shape.out_dtype == InDType::kBFloat16) return detail::dispatch_fwd<__nv_bfloat16, __nv_bfloat16>(p, st);
+    return detail::dispatch_fwd<__nv_bfloat16, float>(p, st);
+  }
+  return detail::dispatch_fwd<float, float>(p, st);
 }
 
 const char* memory_scan_error_string(int code) {

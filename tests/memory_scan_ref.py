@@ -10,7 +10,8 @@ import torch
 def linear_memory_scan_loop(q, k, v, lr, momentum, decay, W, S, W_anchor=None, chunk_size=16, offset=0):
     """q, k [b, l, h, dk]; v [b, l, h, dv]; lr/momentum/decay [b, l, h]; W, S, W_anchor [b, h, dv, dk].
 
-    Returns y [b, l, h, dv] and the final (W, S, W_anchor).
+    Returns y [b, l, h, dv] and the final (W, S, W_anchor); W_anchor is the anchor of the chunk
+    holding the last token (a caller continuing at a chunk boundary does not need it).
     """
     L = q.shape[1]
     A = W_anchor
@@ -24,8 +25,6 @@ def linear_memory_scan_loop(q, k, v, lr, momentum, decay, W, S, W_anchor=None, c
         S = momentum[:, t, :, None, None] * S - lr[:, t, :, None, None] * u
         W = (1.0 - decay[:, t, :, None, None]) * W + S
         ys.append(torch.einsum("bhvk,bhk->bhv", A, qt))
-    if (offset + L) % chunk_size == 0:
-        A = W
     y = torch.stack(ys, dim=1) if ys else v.new_zeros(v.shape)
     return y, (W, S, A)
 

@@ -21,6 +21,15 @@ CXX = shutil.which("g++")
 NAN = float("nan")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny per-token ops: intra-op threads only add contention on a shared 2-core machine.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory):
     if CXX is None:
@@ -35,6 +44,8 @@ def lib(tmp_path_factory):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     so = ctypes.CDLL(str(out))
+    so.emu_set_reverse_order.argtypes = [ctypes.c_int]
+    so.emu_max_smem_bytes.restype = ctypes.c_size_t
     so.emu_num_segments.restype = ctypes.c_int64
     so.emu_num_segments.argtypes = [ctypes.c_int64, ctypes.c_int, ctypes.c_int64]
     for fn in (so.emu_fwd, so.emu_bwd):
@@ -52,22 +63,23 @@ def _call(fn, dims, tensors):
     assert rc == 0, f"emulated launch returned {rc}"
 
 
-def kernel_fwd(lib, q, k, v, lr, mom, dec, W, S, A, C, offset):
+def kernel_fwd(lib, q, k, v, lr, mom, dec, W, S, A, C, offset, y_dtype):
     b, L, h, dk = q.shape
     dv = v.shape[-1]
-    dims = [b, L, h, dk, dv, C, offset, int(q.dtype == torch.bfloat16)]
+    dims = [b, L, h, dk, dv, C, offset, int(q.dtype == torch.bfloat16), int(y_dtype == torch.bfloat16), 0]
     n_seg = lib.emu_num_segments(L, C, offset)
-    y = torch.full(v.shape, NAN, dtype=v.dtype)
+    y = torch.full(v.shape, NAN, dtype=y_dtype)
     W1, S1, A1 = (torch.full(W.shape, NAN) for _ in range(3))
     Wst, Sst = (torch.full((b, h, n_seg, dv, dk), NAN) for _ in range(2))
     _call(lib.emu_fwd, dims, [q, k, v, lr, mom, dec, W, S, A, y, W1, S1, A1, Wst, Sst])
     return y, W1, S1, A1, Wst, Sst
 
 
-def kernel_bwd(lib, q, k, v, lr, mom, dec, A, Wst, Sst, C, offset, dy, dW, dS, dA_end):
+def kernel_bwd(lib, q, k, v, lr, mom, dec, A, Wst, Sst, C, offset, dy, dW, dS, dA_end, first_order):
     b, L, h, dk = q.shape
     dv = v.shape[-1]
-    dims = [b, L, h, dk, dv, C, offset, int(q.dtype == torch.bfloat16)]
+    dims = [b, L, h, dk, dv, C, offset, int(q.dtype == torch.bfloat16), int(dy.dtype == torch.bfloat16),
+            int(first_order)]
     ns = dv // lib.emu_bwd_rows(dv)
     dq_p, dk_p = (torch.full((ns, b, L, h, dk), NAN) for _ in range(2))
     dg = torch.full((3, ns, b, L, h), NAN)
@@ -86,26 +98,48 @@ def rel(out, ref):
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
+F32, BF16 = torch.float32, torch.bfloat16
 CASES = [
-    # b, L, h, dk, dv, C, offset, dtype
-    (1, 1, 1, 32, 32, 16, 0, torch.float32),
-    (1, 63, 2, 64, 64, 16, 0, torch.float32),
-    (1, 70, 1, 128, 96, 16, 5, torch.float32),
-    (2, 37, 1, 32, 64, 7, 3, torch.float32),
-    (1, 40, 1, 64, 32, 64, 0, torch.float32),
-    (1, 45, 1, 64, 64, 16, 13, torch.bfloat16),
+    # b, L, h, dk, dv, C, offset, input dtype, y dtype, first_order
+    (1, 1, 1, 32, 32, 16, 0, F32, F32, False),
+    (1, 63, 2, 64, 64, 16, 0, F32, F32, False),
+    (1, 50, 1, 64, 64, 16, 0, F32, F32, "reverse"),
+    (1, 70, 1, 128, 96, 16, 5, F32, F32, False),
+    (2, 37, 1, 32, 64, 7, 3, F32, F32, True),
+    (1, 70, 1, 128, 32, 64, 6, F32, F32, False),
+    (1, 45, 1, 64, 64, 16, 13, BF16, BF16, False),
+    (1, 33, 1, 32, 32, 8, 0, BF16, F32, True),
 ]
 
 
-@pytest.mark.parametrize("b,L,h,dk,dv,C,offset,dtype", CASES)
-def test_emulated_kernels_match_token_loop(lib, b, L, h, dk, dv, C, offset, dtype):
+def loop_first_order(q, k, v, lr, mom, dec, W, S, A, C, offset):
+    """Token loop whose inner gradients see a detached anchor (reads still differentiate it)."""
+    L = q.shape[1]
+    ys = []
+    for t in range(L):
+        if (offset + t) % C == 0:
+            A = W
+        r = torch.einsum("bhvk,bhk->bhv", A.detach(), k[:, t]) - v[:, t]
+        u = 2.0 * r[..., :, None] * k[:, t, :, None, :]
+        S = mom[:, t, :, None, None] * S - lr[:, t, :, None, None] * u
+        W = (1.0 - dec[:, t, :, None, None]) * W + S
+        ys.append(torch.einsum("bhvk,bhk->bhv", A, q[:, t]))
+    return torch.stack(ys, dim=1), (W, S, A)
+
+
+@pytest.mark.parametrize("b,L,h,dk,dv,C,offset,dtype,y_dtype,first_order", CASES)
+def test_emulated_kernels_match_token_loop(lib, b, L, h, dk, dv, C, offset, dtype, y_dtype, first_order):
     x = random_inputs(b, L, h, dk, dv)
     if dtype == torch.bfloat16:
         for i in range(3):
             x[i] = x[i].to(torch.bfloat16).double()
     aligned = offset % C == 0
     ref_in = [t.clone().requires_grad_(True) for t in x]
-    y_r, st_r = linear_memory_scan_loop(*ref_in[:8], None if aligned else ref_in[8], C, offset)
+    # "reverse": schedule the emulated threads last-to-first between barriers
+    lib.emu_set_reverse_order(int(first_order == "reverse"))
+    first_order = first_order is True
+    loop = loop_first_order if first_order else linear_memory_scan_loop
+    y_r, st_r = loop(*ref_in[:8], None if aligned else ref_in[8], C, offset)
     cots = [torch.randn(t.shape, dtype=torch.float64) for t in (y_r, *st_r)]
     loss = sum((c * t).sum() for c, t in zip(cots, (y_r, *st_r)))
     g_r = torch.autograd.grad(loss, ref_in, allow_unused=True)
@@ -113,16 +147,29 @@ def test_emulated_kernels_match_token_loop(lib, b, L, h, dk, dv, C, offset, dtyp
     qkv = [t.to(dtype).contiguous() for t in x[:3]]
     rest = [t.float().contiguous() for t in x[3:]]
     A = rest[3] if aligned else rest[5]  # rest: lr, momentum, decay, W, S, W_anchor
-    y, W1, S1, A1, Wst, Sst = kernel_fwd(lib, *qkv, *rest[:5], A, C, offset)
-    tol = 1e-2 if dtype == torch.bfloat16 else 1e-4
+    y, W1, S1, A1, Wst, Sst = kernel_fwd(lib, *qkv, *rest[:5], A, C, offset, y_dtype)
+    tol = 1e-2 if BF16 in (dtype, y_dtype) else 1e-4
     for name, o, r in zip(("y", "W", "S", "A"), (y, W1, S1, A1), (y_r, *st_r)):
         assert rel(o, r.detach()) < tol, name
-    dy = cots[0].to(dtype).contiguous()
+    dy = cots[0].to(y_dtype).contiguous()
     grads = kernel_bwd(lib, *qkv, *rest[:3], A, Wst, Sst, C, offset, dy,
-                       *(c.float().contiguous() for c in cots[1:]))
+                       *(c.float().contiguous() for c in cots[1:]), first_order)
     names = ["q", "k", "v", "lr", "momentum", "decay", "W", "S", "W_anchor"]
     for name, o, r in zip(names, grads, g_r):
         if name == "W_anchor" and aligned:
             assert torch.equal(o, torch.zeros_like(o))
             continue
         assert rel(o, r) < tol, name
+
+
+def test_shared_memory_fits_hopper_at_the_largest_shape(lib):
+    # dk = 128 with the largest chunk (64) needs the most shared memory; an H100 / H200 block can
+    # opt in to at most 227 KiB.
+    x = random_inputs(1, 64, 1, 128, 32)
+    qkv = [t.float().contiguous() for t in x[:3]]
+    rest = [t.float().contiguous() for t in x[3:]]
+    _, _, _, _, Wst, Sst = kernel_fwd(lib, *qkv, *rest[:5], rest[3], 64, 0, torch.float32)
+    zeros = torch.zeros_like(rest[3])
+    kernel_bwd(lib, *qkv, *rest[:3], rest[3], Wst, Sst, 64, 0, torch.randn(x[2].shape), zeros, zeros, zeros,
+               False)
+    assert 0 < lib.emu_max_smem_bytes() <= 227 * 1024

@@ -38,7 +38,7 @@ def rel(out, ref):
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def check_case(b, L, h, dk, dv, C, offset, dtype):
+def check_case(b, L, h, dk, dv, C, offset, dtype, first_order=False):
     cpu = random_inputs(b, L, h, dk, dv)
     if dtype == torch.bfloat16:  # the reference sees exactly what the kernel sees
         for i in range(3):
@@ -50,8 +50,14 @@ def check_case(b, L, h, dk, dv, C, offset, dtype):
               for i, t in enumerate(cpu[:n_in])]
     anchor_ref = ref_in[8] if needs_anchor else None
     anchor_dev = dev_in[8] if needs_anchor else None
-    y_r, st_r = linear_memory_scan_loop(*ref_in[:8], anchor_ref, chunk_size=C, offset=offset)
-    y, st = linear_memory_scan_fused(*dev_in[:8], anchor_dev, chunk_size=C, offset=offset, use_kernel=True)
+    if first_order:
+        memory = pytest.importorskip("nestlm.ops.memory")
+        y_r, st_r = memory.linear_memory_scan_ref(*ref_in[:8], anchor_ref, chunk_size=C, offset=offset,
+                                                  first_order=True)
+    else:
+        y_r, st_r = linear_memory_scan_loop(*ref_in[:8], anchor_ref, chunk_size=C, offset=offset)
+    y, st = linear_memory_scan_fused(*dev_in[:8], anchor_dev, chunk_size=C, offset=offset,
+                                     first_order=first_order, use_kernel=True)
     tol = TOL[dtype]
     errs = {"y": rel(y, y_r)}
     for name, o, r in zip(("W_end", "S_end", "A_end"), st, st_r):
@@ -88,6 +94,11 @@ def test_kernel_matches_token_loop_bf16(ext, b, L, h, dk, dv, C, offset):
     check_case(b, L, h, dk, dv, C, offset, torch.bfloat16)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_first_order_matches_reference(ext, dtype):
+    check_case(2, 70, 2, 64, 64, 16, 6, dtype, first_order=True)
+
+
 def test_kernel_streaming_pieces_equal_one_call(ext):
     C = 16
     x = [t.to("cuda", torch.float32) for t in random_inputs(2, 150, 2, 64, 64)]
@@ -112,6 +123,39 @@ def test_dispatch_picks_kernel_and_env_forces_torch(ext, monkeypatch):
 
     q = torch.randn(1, 4, 1, 64, device="cuda")
     assert backends.memory_scan_backend(q, q, 16) == "csrc"
+    assert backends.memory_scan_backend(torch.randn(1, 4, 1, 48, device="cuda"), q, 16) == "torch"
     monkeypatch.setenv("NESTLM_BACKEND", "torch")
     assert backends.memory_scan_backend(q, q, 16) == "torch"
-    assert backends.memory_scan_backend(torch.randn(1, 4, 1, 48, device="cuda"), q, 16) == "torch"
+
+
+def test_memory_op_on_cuda_runs_the_kernel_and_matches_its_reference(ext):
+    first_order = False
+    memory = pytest.importorskip("nestlm.ops.memory")
+    from nestlm.ops import _csrc
+
+    x = random_inputs(2, 75, 2, 64, 64)
+    C, off = 16, 5
+    cpu = [t.clone().requires_grad_(True) for t in x]
+    dev = [t.to("cuda", torch.float32).requires_grad_(True) for t in x]
+    calls = []
+    real = _csrc.memory_scan_fwd
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    _csrc.memory_scan_fwd = spy
+    try:
+        y, st = memory.linear_memory_scan(*dev, chunk_size=C, offset=off, first_order=first_order)
+    finally:
+        _csrc.memory_scan_fwd = real
+    assert calls, "linear_memory_scan on CUDA did not reach the csrc kernel"
+    y_r, st_r = memory.linear_memory_scan_ref(*cpu, chunk_size=C, offset=off, first_order=first_order)
+    outs, refs = (y, *st), (y_r, *st_r)
+    for o, r in zip(outs, refs):
+        assert rel(o, r.detach()) < TOL[torch.float32]
+    cots = [torch.randn(t.shape, dtype=torch.float64) for t in refs]
+    g = torch.autograd.grad(sum((c.cuda().float() * t).sum() for c, t in zip(cots, outs)), dev)
+    g_r = torch.autograd.grad(sum((c * t).sum() for c, t in zip(cots, refs)), cpu)
+    for name, o, r in zip(NAMES, g, g_r):
+        assert rel(o, r) < TOL[torch.float32], name

@@ -12,6 +12,15 @@ from nestlm.ops.memory_fused import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny per-token ops: intra-op threads only add contention on a shared 2-core machine.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
@@ -83,3 +92,27 @@ def test_streaming_pieces_equal_one_call():
     assert pos == 41
     assert rel(torch.cat(ys, 1), y_full) < 1e-12
     assert rel(W, W_full) < 1e-12 and rel(S, S_full) < 1e-12
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("L,C,off", [(37, 8, 0), (37, 8, 3), (5, 4, 1)])
+def test_matches_memory_op_reference(first_order, L, C, off):
+    memory = pytest.importorskip("nestlm.ops.memory")
+    from nestlm.ops.memory_fused import linear_memory_scan_fused
+
+    x = random_inputs(2, L, 2, 8, 6)
+    xs = [t.clone().requires_grad_(True) for t in x]
+    xr = [t.clone().requires_grad_(True) for t in x]
+    n = 9 if off else 8
+    out = linear_memory_scan_fused(*xs[:8], xs[8] if off else None, chunk_size=C, offset=off,
+                                   first_order=first_order)
+    ref = memory.linear_memory_scan_ref(*xr[:8], xr[8] if off else None, chunk_size=C, offset=off,
+                                        first_order=first_order)
+    outs, refs = (out[0], *out[1]), (ref[0], *ref[1])
+    for o, r in zip(outs, refs):
+        assert rel(o, r) < 1e-10
+    cots = [torch.randn_like(t) for t in refs]
+    g = torch.autograd.grad(sum((c * t).sum() for c, t in zip(cots, outs)), xs[:n])
+    g_ref = torch.autograd.grad(sum((c * t).sum() for c, t in zip(cots, refs)), xr[:n])
+    for o, r in zip(g, g_ref):
+        assert rel(o, r) < 1e-9

@@ -115,7 +115,8 @@ def memory_scan_fwd_torch(q, k, v, lr, momentum, decay, W, S, A, chunk_size, off
     """Forward over all segments.
 
     q, k [b, l, h, dk]; v [b, l, h, dv]; lr/momentum/decay [b, l, h]; W, S, A [b, h, dv, dk].
-    Returns y [b, l, h, dv], W_end, S_end, A_end and, if save_states, the segment start states
+    Returns y [b, l, h, dv], W_end, S_end, A_end (the anchor of the chunk holding the last token)
+    and, if save_states, the segment start states
     [b, h, n_seg, dv, dk] for W and S (else None, None).
     """
     L = q.shape[1]
@@ -139,8 +140,6 @@ def memory_scan_fwd_torch(q, k, v, lr, momentum, decay, W, S, A, chunk_size, off
         W_rank = (c[..., None] * R).transpose(-1, -2) @ Kc
         W = B[..., None, None] * W + gamma[..., None, None] * S - 2.0 * W_rank
         S = S_new
-    if (offset + L) % chunk_size == 0:
-        A = W
     if ys:
         y = torch.cat(ys, dim=2).transpose(1, 2)
     else:
@@ -151,8 +150,11 @@ def memory_scan_fwd_torch(q, k, v, lr, momentum, decay, W, S, A, chunk_size, off
 
 
 def memory_scan_bwd_torch(q, k, v, lr, momentum, decay, A_in, W_states, S_states, chunk_size, offset,
-                          dy, dW_end, dS_end, dA_end):
+                          dy, dW_end, dS_end, dA_end, first_order=False):
     """Reverse sweep over segments, recomputing each from its saved start state.
+
+    first_order: the inner gradients were taken at a detached anchor, so the anchor gets gradient
+    only through the reads y = A q.
 
     Returns dq, dk, dv, dlr, dmomentum, ddecay, dW0, dS0, dA_in (shapes of the forward inputs).
     """
@@ -162,12 +164,9 @@ def memory_scan_bwd_torch(q, k, v, lr, momentum, decay, A_in, W_states, S_states
     th, et, al = lr.transpose(1, 2), momentum.transpose(1, 2), decay.transpose(1, 2)
     dq, dk, dv = torch.zeros_like(qh), torch.zeros_like(kh), torch.zeros_like(vh)
     dth, det, dal = torch.zeros_like(th), torch.zeros_like(et), torch.zeros_like(al)
-    end_aligned = (offset + L) % chunk_size == 0
     dW = dW_end.clone()
     dS = dS_end.clone()
     dA_in = torch.zeros_like(A_in)
-    if end_aligned:
-        dW = dW + dA_end
     for j in range(len(segs) - 1, -1, -1):
         s, e = segs[j]
         W0, S0 = W_states[:, :, j], S_states[:, :, j]
@@ -184,9 +183,11 @@ def memory_scan_bwd_torch(q, k, v, lr, momentum, decay, A_in, W_states, S_states
         dE = (dS * S0).sum((-1, -2))
         dB = (dW * W0).sum((-1, -2))
         dgamma = (dW * S0).sum((-1, -2))
-        dA = dYc.transpose(-1, -2) @ Qc + GR.transpose(-1, -2) @ Kc
-        if j == len(segs) - 1 and not end_aligned:
-            dA = dA + dA_end
+        dA = dYc.transpose(-1, -2) @ Qc
+        if not first_order:
+            dA = dA + GR.transpose(-1, -2) @ Kc
+        if j == len(segs) - 1:
+            dA = dA + dA_end  # the returned anchor is the last segment's
         dq[:, :, s:e] = dYc @ A
         dk[:, :, s:e] = GR @ A - 2.0 * (a[..., None] * R) @ dS - 2.0 * (c[..., None] * R) @ dW
         dv[:, :, s:e] = -GR
@@ -207,13 +208,14 @@ def memory_scan_bwd_torch(q, k, v, lr, momentum, decay, A_in, W_states, S_states
 class LinearMemoryScanFn(torch.autograd.Function):
     """Autograd wrapper around the chunk-recompute scan (CUDA kernel or the PyTorch form above).
 
-    forward(q, k, v, lr, momentum, decay, W, S, A, chunk_size, offset, use_kernel)
+    forward(q, k, v, lr, momentum, decay, W, S, A, chunk_size, offset, use_kernel, first_order)
         -> y [b, l, h, dv], W_end, S_end, A_end [b, h, dv, dk]
-    A is the anchor of the chunk in progress (pass W when offset is chunk-aligned).
+    A is the anchor of the chunk in progress (pass W when offset is chunk-aligned). The kernel
+    path needs fp32 W, S, A and returns y in fp32; the PyTorch path computes in W's dtype.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, lr, momentum, decay, W, S, A, chunk_size, offset, use_kernel):
+    def forward(ctx, q, k, v, lr, momentum, decay, W, S, A, chunk_size, offset, use_kernel, first_order=False):
         save = any(ctx.needs_input_grad[:9])
         if use_kernel:
             from nestlm.ops import _csrc
@@ -221,12 +223,13 @@ class LinearMemoryScanFn(torch.autograd.Function):
             y, W1, S1, A1, Wst, Sst = _csrc.memory_scan_fwd(q, k, v, lr, momentum, decay, W, S, A,
                                                             chunk_size, offset, save)
         else:
+            q, k, v, lr, momentum, decay = (t.to(W.dtype) for t in (q, k, v, lr, momentum, decay))
             y, W1, S1, A1, Wst, Sst = memory_scan_fwd_torch(q, k, v, lr, momentum, decay, W, S, A,
                                                             chunk_size, offset, save)
         if save:
             ctx.save_for_backward(q, k, v, lr, momentum, decay, A, Wst, Sst)
-        ctx.chunk_size, ctx.offset, ctx.use_kernel = chunk_size, offset, use_kernel
-        ctx.w_dtype = W.dtype
+        ctx.chunk_size, ctx.offset, ctx.use_kernel, ctx.first_order = chunk_size, offset, use_kernel, first_order
+        ctx.in_dtypes = [t.dtype for t in (q, k, v, lr, momentum, decay)]
         return y, W1, S1, A1
 
     @staticmethod
@@ -242,11 +245,12 @@ class LinearMemoryScanFn(torch.autograd.Function):
             from nestlm.ops import _csrc
 
             grads = _csrc.memory_scan_bwd(q, k, v, lr, momentum, decay, A, Wst, Sst, ctx.chunk_size,
-                                          ctx.offset, dy, dW1, dS1, dA1)
+                                          ctx.offset, dy, dW1, dS1, dA1, ctx.first_order)
         else:
             grads = memory_scan_bwd_torch(q, k, v, lr, momentum, decay, A, Wst, Sst, ctx.chunk_size,
-                                          ctx.offset, dy, dW1, dS1, dA1)
-        return (*grads, None, None, None)
+                                          ctx.offset, dy, dW1, dS1, dA1, ctx.first_order)
+        grads = [g.to(dt) for g, dt in zip(grads[:6], ctx.in_dtypes)] + list(grads[6:])
+        return (*grads, None, None, None, None)
 
 
 def _check(name, t, shape, what):
@@ -255,13 +259,14 @@ def _check(name, t, shape, what):
 
 
 def linear_memory_scan_fused(q, k, v, lr, momentum, decay, W, S, W_anchor=None, chunk_size=16, offset=0,
-                             return_state=True, use_kernel=None):
+                             return_state=True, first_order=False, use_kernel=None):
     """Linear memory scan through the fused kernels (CUDA) or their PyTorch form.
 
     q, k [b, l, h, dk]; v [b, l, h, dv]; lr (theta), momentum (eta), decay (alpha) [b, l, h];
     W, S, W_anchor [b, h, dv, dk] (W_anchor: anchor of the chunk in progress, needed only when
-    offset is not a multiple of chunk_size). Returns y [b, l, h, dv] and, if return_state,
-    (W, S, W_anchor) after the last token. use_kernel=None picks the kernel when it can run.
+    offset is not a multiple of chunk_size). Returns y [b, l, h, dv] in W's dtype and, if
+    return_state, (W, S, W_anchor) after the last token. first_order: inner gradients at a detached
+    anchor. use_kernel=None picks the kernel when it can run (CUDA, fp32 state, supported shape).
     """
     if q.dim() != 4 or k.shape != q.shape:
         raise ValueError(f"q and k must be [batch, length, heads, dk], got {tuple(q.shape)}, {tuple(k.shape)}")
@@ -291,9 +296,11 @@ def linear_memory_scan_fused(q, k, v, lr, momentum, decay, W, S, W_anchor=None, 
     if use_kernel is None:
         from nestlm.ops import backends
 
-        use_kernel = backends.memory_scan_backend(q, v, chunk_size) == "csrc"
-    if L == 0:
-        use_kernel = False
-    y, W1, S1, A1 = LinearMemoryScanFn.apply(q, k, v, lr, momentum, decay, W, S, A, chunk_size, offset,
-                                             bool(use_kernel))
+        use_kernel = W.dtype == torch.float32 and backends.memory_scan_backend(q, v, chunk_size) == "csrc"
+    if L == 0 or W.dtype != torch.float32:
+        use_kernel = False  # the kernels keep fp32 state; fp64 (tests) stays on the PyTorch form
+    # the recurrence runs in the state dtype whatever autocast says
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        y, W1, S1, A1 = LinearMemoryScanFn.apply(q, k, v, lr, momentum, decay, W, S, A, chunk_size, offset,
+                                                 bool(use_kernel), bool(first_order))
     return (y, (W1, S1, A1)) if return_state else y

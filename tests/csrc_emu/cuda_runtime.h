@@ -1,9 +1,10 @@
 // Host stand-in for the CUDA runtime header, so the csrc/ kernels compile as plain C++ and run on
-// the CPU: one std::thread per CUDA thread, blocks one after another, __syncthreads as a barrier,
-// warp shuffles through a per-warp barrier. For testing kernel logic only (no timing meaning).
+// the CPU: one cooperative fiber per CUDA thread, blocks one after another, __syncthreads as a
+// barrier, warp shuffles through a per-warp barrier. For testing kernel logic only (no timing).
 #pragma once
 
-#include <barrier>
+#include <algorithm>
+#include <functional>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -11,7 +12,6 @@
 #include <limits>
 #include <memory>
 #include <stdexcept>
-#include <thread>
 #include <vector>
 
 #define __global__
@@ -24,8 +24,8 @@
 struct EmuDim3 {
   unsigned x = 0, y = 0, z = 0;
 };
-extern thread_local EmuDim3 threadIdx;
-extern thread_local EmuDim3 blockIdx;
+extern EmuDim3 threadIdx;
+extern EmuDim3 blockIdx;
 
 using cudaStream_t = void*;
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
@@ -37,11 +37,16 @@ inline const char* cudaGetErrorString(cudaError_t e) { return e == cudaSuccess ?
 
 namespace emu {
 constexpr size_t kSharedFloats = 1 << 16;  // 256 KiB, above any block's request
-extern float* shared_mem;  // the kernels' `extern __shared__ float smem[]`
-extern std::barrier<>* block_barrier;
-extern std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
-extern float exchange[1024];
+extern float* shared_mem;                  // the kernels' `extern __shared__ float smem[]`
 extern size_t max_smem_bytes;
+
+// Runs `body` once per thread of a block as cooperative fibers on the calling OS thread; threads
+// switch only at barriers, so a run is deterministic. Aborts on a barrier deadlock.
+void run_block(int block, const std::function<void()>& body);
+// Barrier over the whole block (id 0) or over one warp (id 1 + warp).
+void barrier(int id);
+void set_reverse_order(bool on);
+extern float exchange[1024];
 
 template <typename F, typename A>
 void launch(F kernel, int grid, int block, size_t smem_bytes, const A& args) {
@@ -51,33 +56,23 @@ void launch(F kernel, int grid, int block, size_t smem_bytes, const A& args) {
   for (int bx = 0; bx < grid; ++bx) {
     // Shared memory starts as NaN: a read of an element nobody wrote poisons the result.
     std::fill(shared_mem, shared_mem + kSharedFloats, std::numeric_limits<float>::quiet_NaN());
-    std::barrier<> bar(block);
-    block_barrier = &bar;
-    warp_barriers.clear();
-    for (int w = 0; w < block / 32; ++w) warp_barriers.push_back(std::make_unique<std::barrier<>>(32));
-    std::vector<std::thread> threads;
-    threads.reserve(block);
-    for (int t = 0; t < block; ++t) {
-      threads.emplace_back([&, t] {
-        threadIdx.x = t;
-        blockIdx.x = bx;
-        kernel(args);
-      });
-    }
-    for (auto& th : threads) th.join();
+    blockIdx.x = bx;
+    run_block(block, [&] { kernel(args); });
+    // Nothing may land past the dynamic shared memory the launch asked for.
+    for (size_t i = smem_bytes / sizeof(float); i < kSharedFloats; ++i)
+      if (!std::isnan(shared_mem[i])) throw std::runtime_error("kernel wrote past its dynamic shared memory");
   }
 }
 }  // namespace emu
 
-inline void __syncthreads() { emu::block_barrier->arrive_and_wait(); }
+inline void __syncthreads() { emu::barrier(0); }
 
 inline float __shfl_xor_sync(unsigned, float x, int lane_mask) {
   const int t = static_cast<int>(threadIdx.x);
-  auto& bar = *emu::warp_barriers[t / 32];
   emu::exchange[t] = x;
-  bar.arrive_and_wait();
+  emu::barrier(1 + t / 32);
   const float r = emu::exchange[t ^ lane_mask];
-  bar.arrive_and_wait();
+  emu::barrier(1 + t / 32);
   return r;
 }
 

@@ -1,0 +1,235 @@
+"""LightningModule around a HybridLM: loss, AdamW groups, warmup + cosine, state carrying.
+
+The model is built from primitive hyperparameters (a preset name and size, overrides, or a full
+config dict) so a .ckpt holds only primitives and tensors and loads with `weights_only=True`.
+
+Batches are dicts:
+    input_ids  LongTensor [B, T]
+    labels     LongTensor [B, T]   next-token targets, -100 where no loss is taken
+    reset      BoolTensor [B]      optional: True where a row starts a new document. When present,
+                                   the recurrent state is carried from the previous batch for the
+                                   other rows (truncated BPTT over consecutive segments).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+import yaml
+from torch.utils.checkpoint import checkpoint
+
+from nestlm.models import HybridConfig, HybridLM
+from nestlm.models.state import State
+from nestlm.train.callbacks import check_finite_loss
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """A HybridConfig dict from a YAML / JSON file (configs/model/<preset>-<size>.yaml)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"NestLM.config: no model config file at {p}")
+    d = yaml.safe_load(p.read_text())
+    if not isinstance(d, dict):
+        raise ValueError(f"NestLM.config: {p} does not hold a mapping of HybridConfig fields")
+    return d
+
+
+def build_config(preset: str | None, size: str, overrides: dict[str, Any] | None,
+                 config: dict[str, Any] | str | None) -> HybridConfig:
+    """A full `config` (dict or file) wins, with `overrides` applied; otherwise `preset` at `size`."""
+    if config is not None:
+        d = read_config_file(config) if isinstance(config, str) else dict(config)
+        d.update(overrides or {})
+        return HybridConfig.from_dict(d)
+    if preset is None:
+        raise ValueError("NestLM: give either model.preset (with size/overrides) or model.config")
+    return HybridConfig.preset(preset, size, **(overrides or {}))
+
+
+def no_decay(name: str, p: torch.nn.Parameter, norm_params: set[int]) -> bool:
+    """Norm weights, biases, 1-D params (SSM A/D/dt bias...) and params flagged `_no_weight_decay`."""
+    return p.dim() < 2 or name.endswith("bias") or id(p) in norm_params or getattr(p, "_no_weight_decay", False)
+
+
+def _is_norm(module: torch.nn.Module) -> bool:
+    return isinstance(module, (torch.nn.LayerNorm, torch.nn.GroupNorm)) or "norm" in type(module).__name__.lower()
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    norm_params = {id(p) for m in model.modules() if _is_norm(m) for p in m.parameters(recurse=False)}
+    decay, keep = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (keep if no_decay(name, p, norm_params) else decay).append(p)
+    # names show up in LearningRateMonitor's keys (lr-AdamW/decay, lr-AdamW/no_decay)
+    return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+            {"params": keep, "weight_decay": 0.0, "name": "no_decay"}]
+
+
+def _state_to_dict(state: State) -> dict[str, Any]:
+    return {"tensors": {k: v.detach().cpu() for k, v in state.flat().items()},
+            "layout": [{p: sorted(b.get(p, {})) for p in ("mixer", "channel")} for b in state.blocks],
+            "meta": {k: v for k, v in state.meta.items() if isinstance(v, (str, int, float, type(None)))}}
+
+
+def _state_from_dict(d: dict[str, Any], device: torch.device) -> State:
+    blocks = [{p: {n: d["tensors"][f"blocks.{i}.{p}.{n}"].to(device) for n in names} for p, names in parts.items()}
+              for i, parts in enumerate(d["layout"])]
+    return State(blocks, dict(d["meta"]))
+
+
+class NestLM(L.LightningModule):
+    """Next-token training of a HybridLM.
+
+    Args:
+        preset, size, overrides: `HybridConfig.preset(preset, size, **overrides)`.
+        config: a full HybridConfig dict, or the path of a YAML file holding one (configs/model/*.yaml);
+            wins over `preset` when given (`overrides` still apply). A path is replaced by its contents
+            in the saved hyperparameters, so a checkpoint never depends on the file.
+        lr, betas, eps, weight_decay: AdamW (no decay on norms, biases, 1-D and `_no_weight_decay` params).
+        warmup_steps: linear warmup from lr * 1e-3 to lr (torch LinearLR), then cosine (CosineAnnealingLR)
+            down to lr * min_lr_ratio at `decay_steps` (default: trainer.max_steps); stepped every step.
+        compile_blocks: torch.compile each block separately (fast compile, graph breaks stay local).
+        activation_checkpointing: recompute each block's activations in the backward pass.
+    """
+
+    def __init__(self, preset: str | None = "hope-hybrid", size: str = "tiny",
+                 overrides: dict[str, Any] | None = None, config: dict[str, Any] | str | None = None,
+                 lr: float = 3e-3, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
+                 weight_decay: float = 0.1, warmup_steps: int = 50, decay_steps: int | None = None,
+                 min_lr_ratio: float = 0.1, compile_blocks: bool = False,
+                 activation_checkpointing: bool = False) -> None:
+        super().__init__()
+        if warmup_steps < 0:
+            raise ValueError(f"NestLM.warmup_steps={warmup_steps!r} is invalid: expected an int >= 0")
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError(f"NestLM.min_lr_ratio={min_lr_ratio!r} is invalid: expected a number in [0, 1]")
+        if isinstance(config, str):
+            config = read_config_file(config)
+        self.save_hyperparameters()
+        self.cfg = build_config(preset, size, overrides, config)
+        self.model = HybridLM(self.cfg)
+        self._carry: State | None = None  # recurrent state carried between training segments
+        self._flops_per_token: float | None = None
+        self.last_state: State | None = None  # state after the latest training batch (for memory metrics)
+        if activation_checkpointing:
+            for blk in self.model.blocks:
+                blk.forward = functools.partial(checkpoint, blk.forward, use_reentrant=False)
+        if compile_blocks:
+            for blk in self.model.blocks:
+                blk.compile()
+
+    # --- forward / loss -------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, state: State | None = None):
+        return self.model(input_ids, state=state)
+
+    @staticmethod
+    def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean next-token cross entropy over labelled positions, and their count."""
+        n = (labels != -100).sum()
+        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+        return loss / n.clamp(min=1), n
+
+    def _incoming_state(self, batch: dict[str, torch.Tensor]) -> State | None:
+        """The state a batch starts from: carried over, except fresh for rows flagged `reset`."""
+        reset = batch.get("reset")
+        if reset is None or self._carry is None:
+            return None
+        reset = reset.to(torch.bool)
+        if bool(reset.all()):
+            return None
+        if not bool(reset.any()):
+            return self._carry
+        fresh = self.model.init_state(batch_size=reset.shape[0])
+        keep = ~reset
+
+        def pick(name: str, carried: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+            if carried.shape != new.shape:  # e.g. a full-attention KV cache, whose length the rows share
+                raise ValueError(f"NestLM: cannot reset some rows of state tensor {name} of shape "
+                                 f"{tuple(carried.shape)} (a fresh one has {tuple(new.shape)}); reset whole batches")
+            m = keep.view(-1, *([1] * (carried.dim() - 1))).to(carried.device)
+            return torch.where(m, carried, new.to(device=carried.device, dtype=carried.dtype))
+
+        blocks = [{p: {n: pick(f"blocks.{i}.{p}.{n}", c[p][n], f[p][n]) for n in c[p]} for p in c}
+                  for i, (c, f) in enumerate(zip(self._carry.blocks, fresh.blocks))]
+        return State(blocks, dict(self._carry.meta))
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        out = self(batch["input_ids"], state=self._incoming_state(batch))
+        loss, n = self.loss_fn(out.logits, batch["labels"])
+        check_finite_loss(loss, self.global_step + 1)
+        if "reset" in batch:
+            self._carry = out.state.detach()
+        self.last_state = out.state
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/ppl", torch.exp(loss.detach().clamp(max=30.0)))
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        out = self(batch["input_ids"])
+        loss, n = self.loss_fn(out.logits, batch["labels"])
+        self.log("val/loss", loss, prog_bar=True, batch_size=int(n), sync_dist=True)
+        self.log("val/ppl", torch.exp(loss.clamp(max=30.0)), batch_size=int(n), sync_dist=True)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        out = self(batch["input_ids"])
+        loss, n = self.loss_fn(out.logits, batch["labels"])
+        self.log("test/loss", loss, batch_size=int(n), sync_dist=True)
+        self.log("test/ppl", torch.exp(loss.clamp(max=30.0)), batch_size=int(n), sync_dist=True)
+
+    # --- optimisation ---------------------------------------------------------------------
+    def lr_factor(self, step: int, total: int) -> float:
+        """Multiplier of `lr` at optimizer step `step` (the same curve the schedulers produce)."""
+        h = self.hparams
+        if step < h.warmup_steps:
+            return 1e-3 + (1 - 1e-3) * step / h.warmup_steps
+        t = min(step - h.warmup_steps, max(total - h.warmup_steps, 1)) / max(total - h.warmup_steps, 1)
+        return h.min_lr_ratio + (1 - h.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+    def configure_optimizers(self):
+        h = self.hparams
+        opt = torch.optim.AdamW(param_groups(self.model, h.weight_decay), lr=h.lr, betas=tuple(h.betas), eps=h.eps)
+        total = h.decay_steps or (self.trainer.max_steps if self.trainer.max_steps > 0 else None)
+        if total is None:
+            raise ValueError("NestLM.decay_steps is unset and trainer.max_steps is -1: set one of them")
+        sch = torch.optim.lr_scheduler
+        warm = h.warmup_steps if h.warmup_steps < total else 0
+        parts = [sch.LinearLR(opt, start_factor=1e-3, end_factor=1.0, total_iters=warm)] if warm else []
+        parts.append(sch.CosineAnnealingLR(opt, T_max=max(total - warm, 1), eta_min=h.lr * h.min_lr_ratio))
+        # past `total` the cosine would climb again: hold the floor instead
+        parts.append(sch.ConstantLR(opt, factor=h.min_lr_ratio, total_iters=2**62))
+        milestones = ([warm] if warm else []) + [total]
+        sched = sch.SequentialLR(opt, parts, milestones=milestones)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    # --- throughput -------------------------------------------------------------------------
+    @property
+    def flops_per_batch(self) -> float | None:
+        """Training FLOPs of the latest batch (read by ThroughputMonitor for flops/s and MFU)."""
+        return getattr(self, "_last_batch_flops", None)
+
+    def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        from nestlm.train.flops import flops_per_token
+
+        b, t = batch["input_ids"].shape
+        if self._flops_per_token is None or getattr(self, "_flops_seq_len", None) != t:
+            self._flops_per_token = flops_per_token(self.model, t)["total"]
+            self._flops_seq_len = t
+        factor = 4.0 if self.hparams.activation_checkpointing else 3.0
+        self._last_batch_flops = factor * b * t * self._flops_per_token
+
+    # --- checkpoints ------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["nestlm_config"] = self.cfg.to_dict()
+        if self._carry is not None:
+            checkpoint["nestlm_carry_state"] = _state_to_dict(self._carry)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        carry = checkpoint.get("nestlm_carry_state")
+        self._carry = None if carry is None else _state_from_dict(carry, self.device)

@@ -1,0 +1,240 @@
+"""Scoring, Coherence Horizon, report schema, bounded streaming, closed loop, and `nestlm eval`."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from nestlm.eval.bench import REPORT_KEYS, run_benchmark
+from nestlm.eval.cli import main as eval_main
+from nestlm.eval.envs import ENVS, final_window, generate_episode
+from nestlm.eval.loading import attention_window, full_attention_layers, load_model
+from nestlm.eval.report import adjusted, bootstrap_ci, coherence_horizon, horizon_summary
+from nestlm.eval.scoring import closed_loop, score_episode, score_predictions, stream_argmax
+from nestlm.eval.tokenizer import get_tokenizer
+from nestlm.models import HybridConfig, HybridLM
+
+
+class ScriptedModel(torch.nn.Module):
+    """Predicts the episode's true next token at every position (optionally wrong at some positions).
+
+    Its state is the absolute position, so chunked streaming is exercised exactly like a real model.
+    """
+
+    def __init__(self, tokens: list[int], wrong_at: set[int] = frozenset(), vocab: int = 512):
+        super().__init__()
+        self.tokens, self.wrong_at, self.vocab = list(tokens), set(wrong_at), vocab
+        self.max_chunk = 0
+
+    def forward(self, ids, state=None):
+        pos = 0 if state is None else int(state)
+        t = ids.shape[1]
+        self.max_chunk = max(self.max_chunk, t)
+        logits = torch.zeros(1, t, self.vocab)
+        for j in range(t):
+            i = pos + j
+            nxt = self.tokens[i + 1] if i + 1 < len(self.tokens) else 0
+            if i in self.wrong_at:
+                nxt = (nxt + 1) % self.vocab
+            # until its first wrong output, the history fed to it must be the episode's
+            if i <= min(self.wrong_at, default=i):
+                assert int(ids[0, j]) == self.tokens[i], (i, int(ids[0, j]), self.tokens[i])
+            logits[0, j, nxt] = 1.0
+        return SimpleNamespace(logits=logits, state=pos + t)
+
+
+def tiny_model(preset: str = "swa-transformer", **kw) -> HybridLM:
+    torch.manual_seed(0)
+    if preset == "mixed":  # one sliding-window and one full-attention layer
+        preset, kw = "transformer", dict(kw, layers=["swa", "attn"])
+    cfg = HybridConfig.preset(preset, "tiny", d_model=32, n_heads=2, window=16, **kw)
+    return HybridLM(cfg).eval()
+
+
+# --- scoring ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("env", list(ENVS))
+def test_recorded_answers_score_one(env):
+    ep = generate_episode(env, 300, 3, "test")
+    model = ScriptedModel(ep.tokens)
+    s = score_episode(model, ep, chunk_size=97)  # chunks not aligned to anything
+    assert model.max_chunk == 97
+    assert len(s.correct) > 0 and all(s.correct) and s.first_error is None
+    assert len(s.correct) == sum(p.step > 300 - final_window(300) for p in ep.probes)
+
+
+@pytest.mark.parametrize("env", list(ENVS))
+def test_constant_answer_scores_chance(env):
+    """A model that always gives the same answer (per question kind) scores the chance level."""
+    tok = get_tokenizer()
+    correct, chance = [], []
+    for seed in range(6):
+        ep = generate_episode(env, 2000, seed, "test")
+        first_room = ep.steps[0].split()[3] if env == "courier" else None
+        first_item = ep.steps[0].split()[2] if env == "shell" else None
+        constant = {"update": "42", "query": "42", "recall": "0000", "where": first_room or "1",
+                    "peek": first_item, "action": "n"}
+        preds = np.asarray(ep.tokens[1:] + [0])  # the true continuation...
+        for p in ep.probes:  # ...except at answers, where the constant answer is given
+            guess = tok.encode(constant[p.kind])
+            a, b = p.span
+            preds[a - 1:b - 1] = guess if len(guess) == b - a else tok.pad_id
+        c, _ = score_predictions(ep, preds)
+        correct += c
+        chance += [p.chance for p in ep.probes if p.step > ep.n_steps - final_window(ep.n_steps)]
+    acc, ch = float(np.mean(correct)), float(np.mean(chance))
+    sd = math.sqrt(ch * (1 - ch) / len(correct))
+    assert len(correct) > 300
+    assert abs(acc - ch) <= 4 * sd + 1e-3, (env, acc, ch, len(correct))
+
+
+def test_first_error_and_closed_loop_agree():
+    ep = generate_episode("ledger", 120, 5, "test")
+    _, a, e = ep.step_spans[37]
+    wrong = a  # the model is wrong on the second answer token of step 37 (position a predicts a + 1)
+    model = ScriptedModel(ep.tokens, wrong_at={wrong})
+    preds = stream_argmax(model, ep.tokens, chunk_size=50)
+    _, first = score_predictions(ep, preds)
+    assert first == (37 if e - a > 1 else 38)
+    assert closed_loop(ScriptedModel(ep.tokens, wrong_at={wrong}), ep) == first
+    assert closed_loop(ScriptedModel(ep.tokens), ep) is None
+
+
+def test_closed_loop_matches_teacher_forced_on_a_real_model():
+    model = tiny_model()
+    # a model that has learned nothing errs early; both paths must name the same step
+    for env in ENVS:
+        ep = generate_episode(env, 30, 1, "test")
+        _, first = score_predictions(ep, stream_argmax(model, ep.tokens, chunk_size=64))
+        assert closed_loop(model, ep) == first
+
+
+# --- aggregation ----------------------------------------------------------------------------------------
+def test_coherence_horizon_arithmetic():
+    c = 0.01
+    ok = c + 0.9 * (1 - c)  # exactly at the threshold after chance adjustment
+    assert coherence_horizon({20: (1.0, c), 200: (0.95, c), 2000: (0.5, c), 20000: (0.99, c)}) == 200
+    assert coherence_horizon({20: (ok, c), 200: (ok - 1e-6, c)}) == 20
+    assert coherence_horizon({20: (0.89, 0.0)}) == 0
+    assert coherence_horizon({20: (0.95, 0.5), 200: (0.96, 0.5)}) == 0  # 0.9 / 0.92 after adjustment
+    assert coherence_horizon({20: (1.0, 0.25), 200: (None, 0.25), 2000: (1.0, 0.25)}) == 20
+    assert coherence_horizon({2000: (1.0, 0.1), 20: (1.0, 0.1), 200: (1.0, 0.1)}) == 2000
+    assert adjusted(0.25, 0.25) == 0.0 and adjusted(1.0, 0.3) == 1.0
+
+
+def test_bootstrap_ci_is_episode_level():
+    lo, hi = bootstrap_ci([10, 0, 10, 0], [10, 10, 10, 10], n_boot=2000)
+    assert lo < 0.5 < hi and lo <= 0.25 and hi >= 0.75  # episodes disagree: a wide interval
+    assert bootstrap_ci([5, 5, 5], [10, 10, 10]) == (0.5, 0.5)
+
+
+def test_horizon_summary_pools_probes():
+    from nestlm.eval.scoring import EpisodeScore
+
+    mk = lambda c, k: EpisodeScore("ledger", 100, 0, 1000, c, k, [5] * len(c), [0.01] * len(c), None, 1.0)  # noqa: E731
+    s = horizon_summary([mk([True, True, False], ["query"] * 3), mk([False], ["recall"])])
+    assert s["accuracy"] == 0.5 and s["n_probes"] == 4 and s["chance"] == pytest.approx(0.01)
+    assert s["by_kind"] == {"query": {"accuracy": 2 / 3, "n_probes": 3}, "recall": {"accuracy": 0.0, "n_probes": 1}}
+
+
+# --- runner, report, memory ---------------------------------------------------------------------------------
+def test_report_schema():
+    report = run_benchmark(tiny_model(), list(ENVS), [5, 20], {5: 2, 20: 2}, seed=1, progress=False)
+    json.dumps(report)  # serialisable, no NaN
+    assert set(REPORT_KEYS) <= set(report)
+    for env in ENVS:
+        r = report["envs"][env]
+        assert {"horizons", "coherence_horizon", "tokens_per_step"} <= set(r)
+        assert set(r["horizons"]) == {"5", "20"}
+        for m in r["horizons"].values():
+            assert {"accuracy", "ci95", "n_probes", "chance"} <= set(m)
+            assert m["n_probes"] > 0 and 0 <= m["accuracy"] <= 1 and len(m["ci95"]) == 2
+        assert r["coherence_horizon"] in (0, 5, 20)
+    assert report["coherence_horizon"] == min(r["coherence_horizon"] for r in report["envs"].values())
+    assert report["peak_rss_mb"] > 0 and report["seconds"] > 0
+
+
+def test_streaming_state_is_bounded_and_windowed_full_attention():
+    swa = tiny_model()
+    ep_short, ep_long = generate_episode("shell", 20, 0, "test"), generate_episode("shell", 250, 0, "test")
+    sizes = []
+    for ep in (ep_short, ep_long):
+        state = None
+        ids = torch.tensor(ep.tokens)[None]
+        for s in range(0, ids.shape[1], 128):
+            state = swa(ids[:, s:s + 128], state=state).state
+        sizes.append(sum(t.numel() for t in state.flat().values()))
+    assert sizes[0] == sizes[1]  # the state does not grow with the episode
+    # a full-attention layer gets a sliding window for long episodes: bounded, and chunking-invariant
+    model = tiny_model("mixed")
+    assert len(full_attention_layers(model)) == 1
+    with attention_window(model, 32):
+        a = stream_argmax(model, ep_long.tokens, chunk_size=100)
+        b = stream_argmax(model, ep_long.tokens, chunk_size=len(ep_long.tokens))
+        state = model(torch.tensor(ep_long.tokens)[None]).state
+        assert max(t.shape[1] for n, t in state.flat().items() if n.endswith(".k")) <= 31
+    assert (a == b).mean() > 0.999
+    assert full_attention_layers(model)[0].window is None  # restored
+
+
+def test_window_policy_in_report():
+    report = run_benchmark(tiny_model("mixed"), ["ledger"], [5, 60], {5: 1, 60: 1}, attn_window=256,
+                           progress=False)
+    assert report["attention"]["full_attention_layers"] == 1
+    assert report["envs"]["ledger"]["horizons"]["60"]["attention_window"] == [256]
+    auto = run_benchmark(tiny_model("mixed"), ["ledger"], [5, 60], {5: 1, 60: 1}, trained_context=128,
+                         progress=False)
+    assert auto["envs"]["ledger"]["horizons"]["5"]["attention_window"] is None
+    assert auto["envs"]["ledger"]["horizons"]["60"]["attention_window"] == [128]
+
+
+# --- command line -------------------------------------------------------------------------------------
+def test_cli_writes_report_and_plot(tmp_path, capsys):
+    export = tmp_path / "export"
+    tiny_model().save_pretrained(export)
+    out, png = tmp_path / "r.json", tmp_path / "r.png"
+    eval_main(["--ckpt", str(export), "--envs", "ledger,shell", "--horizons", "5,20", "--episodes", "2",
+               "--seed", "3", "--out", str(out), "--plot", str(png), "--closed-loop", "--no-progress"])
+    report = json.loads(out.read_text())
+    assert set(REPORT_KEYS) <= set(report) and set(report["envs"]) == {"ledger", "shell"}
+    assert report["envs"]["shell"]["closed_loop"]["episodes"] == 2
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert "overall CH0.9" in capsys.readouterr().out
+    before = out.read_text()
+    with pytest.raises(SystemExit, match="exists"):
+        eval_main(["--ckpt", str(export), "--out", str(out)])
+    assert out.read_text() == before
+    with pytest.raises(SystemExit, match="does not exist"):
+        eval_main(["--ckpt", str(tmp_path / "nope.ckpt"), "--out", str(tmp_path / "x.json")])
+    with pytest.raises(SystemExit, match="--horizons"):
+        eval_main(["--ckpt", str(export), "--horizons", "20,x", "--out", str(tmp_path / "x.json")])
+    with pytest.raises(SystemExit, match="--envs"):
+        eval_main(["--ckpt", str(export), "--envs", "maze", "--horizons", "5", "--out", str(tmp_path / "x.json"),
+                   "--no-progress"])
+
+
+def test_load_lightning_style_checkpoint(tmp_path):
+    model = tiny_model()
+    ckpt = {"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+            "nestlm_config": model.config.to_dict(), "hyper_parameters": {"preset": "swa-transformer"},
+            "datamodule_hyper_parameters": {"seq_len": 384}}
+    torch.save(ckpt, tmp_path / "last.ckpt")
+    (tmp_path / "wandb_run_id").write_text("abc123\n")
+    loaded, info = load_model(tmp_path / "last.ckpt")
+    assert info["kind"] == "ckpt" and info["trained_context"] == 384 and info["wandb_run_id"] == "abc123"
+    ids = torch.randint(0, 300, (1, 40))
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+    # the context can also come from the run's resolved config (what `nestlm fit` writes)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    del ckpt["datamodule_hyper_parameters"]
+    torch.save(ckpt, run / "checkpoints" / "last.ckpt")
+    (run / "config.yaml").write_text("data:\n  init_args:\n    seq_len: 256\n")
+    assert load_model(run / "checkpoints" / "last.ckpt")[1]["trained_context"] == 256
+    (tmp_path / "bad.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="bad.ckpt"):
+        load_model(tmp_path / "bad.ckpt")
