@@ -37,6 +37,7 @@ def test_fit_writes_checkpoints_and_reports(run):
     assert info["params"]["total"] == sum(v for k, v in info["params"].items() if k != "total")
     assert set(info["params"]) >= {"mixer/attn", "mixer/swa", "channel/mlp", "embedding"}
     assert info["packages"]["torch"] and info["config"]["d_model"] == 64
+    assert info["precision"] == "32-true"  # precision unset: fp32 on CPU
     assert "nestlm eval --ckpt" in run["out"] and "W&B run" in run["out"]
     assert sorted(losses(run["run_dir"])) == list(range(1, STEPS + 1))
 
@@ -45,8 +46,8 @@ def test_offline_wandb_history_has_metrics(run):
     rows = wandb_history(run["run_dir"])
     keys = set().union(*rows)
     for k in ("train/loss", "train/ppl", "train/grad_norm", "lr-AdamW/decay", "lr-AdamW/no_decay",
-              "train/tokens_per_sec", "train/device/flops_per_sec", "sys/peak_mem_mb", "sys/data_time_s",
-              "val/loss"):
+              "train/tokens_per_sec", "train/device/flops_per_sec", "train/device/mfu", "sys/peak_mem_mb",
+              "sys/data_time_s", "val/loss"):
         assert k in keys, (k, sorted(keys))
     logged = [r["train/loss"] for r in rows if "train/loss" in r]
     assert len(logged) >= STEPS - 1 and all(math.isfinite(v) for v in logged)

@@ -43,7 +43,7 @@ trainer:
     - class_path: lightning.pytorch.callbacks.LearningRateMonitor
       init_args: {{logging_interval: step}}
     - class_path: nestlm.train.callbacks.TokenThroughput
-      init_args: {{window_size: 3}}
+      init_args: {{window_size: 3, peak_flops: 1.0e+12}}
     - class_path: nestlm.train.callbacks.TrainMetrics
 {extra}"""
 

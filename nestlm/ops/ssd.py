@@ -102,9 +102,10 @@ def _ssd_torch(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_sof
     # Padded steps have dt = 0: decay 1 and no input, so the state passes through unchanged.
     xdt = F.pad(x.to(cd) * dt_[..., None], (0, 0, 0, 0, 0, pad))
     dt_ = F.pad(dt_, (0, 0, 0, pad))
-    Bc = F.pad(B.to(cd), (0, 0, 0, 0, 0, pad)).view(b, nc, c, g, n).permute(0, 3, 1, 2, 4)  # [b,g,k,c,n]
-    Cc = F.pad(C.to(cd), (0, 0, 0, 0, 0, pad)).view(b, nc, c, g, n).permute(0, 3, 1, 2, 4)
-    Xc = xdt.view(b, nc, c, g, r, p).permute(0, 3, 4, 1, 2, 5)  # [b, g, r, k, c, p]
+    # contiguous: batched matmuls on permuted views fall back to one small GEMM per matrix on CPU
+    Bc = F.pad(B.to(cd), (0, 0, 0, 0, 0, pad)).view(b, nc, c, g, n).permute(0, 3, 1, 2, 4).contiguous()  # [b,g,k,c,n]
+    Cc = F.pad(C.to(cd), (0, 0, 0, 0, 0, pad)).view(b, nc, c, g, n).permute(0, 3, 1, 2, 4).contiguous()
+    Xc = xdt.view(b, nc, c, g, r, p).permute(0, 3, 4, 1, 2, 5).contiguous()  # [b, g, r, k, c, p]
     a = (dt_ * A.to(cd)).view(b, nc, c, g, r).permute(0, 3, 4, 1, 2)  # [b, g, r, k, c] log decays
     a_cs = a.cumsum(-1)
 
@@ -124,9 +125,10 @@ def _ssd_torch(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_sof
     else:
         state = initial_states.to(cd).view(b, g, r, p, n)
     states_in = []
-    for k in range(nc):
+    # unbind, not indexing: the backward of each index op would add into a full-size zero tensor
+    for decay_k, states_k in zip(chunk_decay.unbind(-1), chunk_states.unbind(3)):
         states_in.append(state)
-        state = chunk_decay[..., k, None, None] * state + chunk_states[:, :, :, k]
+        state = decay_k[..., None, None] * state + states_k
     states_in = torch.stack(states_in, dim=3)  # [b, g, r, k, p, n]
 
     # 4. carried-in state read out at every position: exp(a_cs[t]) C_t . S_in
