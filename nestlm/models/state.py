@@ -148,7 +148,7 @@ class State:
             if a[k].shape != b[k].shape:
                 out[k] = float("inf")
                 continue
-            out[k] = float((b[k].double() - a[k].double()).norm())
+            out[k] = float((b[k].detach().double() - a[k].detach().double()).norm())
         return out
 
     # --- episodes -----------------------------------------------------------------------------
