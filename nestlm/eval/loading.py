@@ -41,11 +41,26 @@ def _trained_context(ckpt: dict[str, Any]) -> int | None:
 
 
 def _run_dir(path: Path) -> Path | None:
-    """The training run directory (the one holding `wandb_run_id`) above a checkpoint, if any."""
+    """The training run directory (holding `wandb_run_id` or `config.yaml`) above a checkpoint, if any."""
     for d in [path if path.is_dir() else path.parent, *path.resolve().parents][:4]:
-        if (d / "wandb_run_id").is_file():
+        if (d / "wandb_run_id").is_file() or (d / "config.yaml").is_file():
             return d
     return None
+
+
+def _context_from_run_config(run_dir: Path) -> int | None:
+    """`data.init_args.seq_len` of the run's resolved config.yaml (what `nestlm fit` writes)."""
+    f = run_dir / "config.yaml"
+    if not f.is_file():
+        return None
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(f.read_text()) or {}
+        v = ((cfg.get("data") or {}).get("init_args") or {}).get("seq_len")
+    except (yaml.YAMLError, AttributeError):
+        return None
+    return v if isinstance(v, int) and v > 0 else None
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[HybridLM, dict[str, Any]]:
@@ -88,7 +103,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     run_dir = _run_dir(p)
     if run_dir is not None:
         info["run_dir"] = str(run_dir)
-        info["wandb_run_id"] = (run_dir / "wandb_run_id").read_text().strip() or None
+        rid = run_dir / "wandb_run_id"
+        info["wandb_run_id"] = (rid.read_text().strip() or None) if rid.is_file() else None
+        info["trained_context"] = info["trained_context"] or _context_from_run_config(run_dir)
     return model.to(device).eval(), info
 
 

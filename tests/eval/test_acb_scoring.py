@@ -228,6 +228,13 @@ def test_load_lightning_style_checkpoint(tmp_path):
     assert info["kind"] == "ckpt" and info["trained_context"] == 384 and info["wandb_run_id"] == "abc123"
     ids = torch.randint(0, 300, (1, 40))
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+    # the context can also come from the run's resolved config (what `nestlm fit` writes)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    del ckpt["datamodule_hyper_parameters"]
+    torch.save(ckpt, run / "checkpoints" / "last.ckpt")
+    (run / "config.yaml").write_text("data:\n  init_args:\n    seq_len: 256\n")
+    assert load_model(run / "checkpoints" / "last.ckpt")[1]["trained_context"] == 256
     (tmp_path / "bad.ckpt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="bad.ckpt"):
         load_model(tmp_path / "bad.ckpt")
