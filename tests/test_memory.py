@@ -378,3 +378,46 @@ def test_long_stream_fp32_at_max_lr_stays_finite(depth, max_grad_norm):
     for n, t in st.items():
         assert torch.isfinite(t.float()).all(), n
     assert int(st["pos"][0]) == 20000
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_state_save_load_continue_is_bit_identical(depth, tmp_path):
+    from nestlm.models.state import State
+
+    m = make_layer(depth, chunk_size=8).float()
+    x = torch.randn(2, 29, 24)
+    with torch.no_grad():
+        _, st = m(x[:, :13])  # stops inside a chunk: anchor, position and conv history all matter
+        y_cont, st_cont = m(x[:, 13:], st)
+        State([{"mixer": st, "channel": {}}]).save(tmp_path / "mem.safetensors")
+        loaded = State.load(tmp_path / "mem.safetensors").blocks[0]["mixer"]
+        assert loaded.keys() == st.keys()
+        y_loaded, st_loaded = m(x[:, 13:], loaded)
+    assert torch.equal(y_loaded, y_cont)
+    for n in st_cont:
+        assert torch.equal(st_loaded[n], st_cont[n]), n
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("depth", [1, 2])
+def test_cuda_fp32_matches_cpu_fp64(depth):
+    m = make_layer(depth, chunk_size=16)
+    x = torch.randn(2, 100, 24, dtype=F64)
+    y_ref, st_ref = m(x)
+    y_ref.square().mean().backward()
+    g_ref = {n: p.grad.clone() for n, p in m.named_parameters()}
+    mc = make_layer(depth, chunk_size=16).float().cuda()
+    mc.load_state_dict(m.state_dict())
+    y, st = mc(x.float().cuda())
+    y.square().mean().backward()
+    assert rel_err(y.cpu(), y_ref) < 1e-3
+    for n in st_ref:
+        assert st[n].device.type == "cuda"
+        assert rel_err(st[n].cpu(), st_ref[n]) < 1e-3, n
+    for n, p in mc.named_parameters():
+        assert rel_err(p.grad.cpu(), g_ref[n]) < 1e-3, n
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y16, st16 = mc(x.float().cuda())
+    assert torch.isfinite(y16.float()).all()
+    assert all(t.dtype == (torch.int64 if n == "pos" else torch.float32) for n, t in st16.items())
