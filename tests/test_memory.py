@@ -140,6 +140,22 @@ def test_clipped_inner_gradients_match_token_loop(depth):
     assert rel_err(unclipped[1], fast[1]) > 1e-3  # the clip is active in this case
 
 
+@pytest.mark.parametrize("depth", [1, 2])
+def test_saturated_gates_match_token_loop(depth):
+    """eta = 0 (no momentum) and alpha = 1 (full forget) exactly: the clamped logs stay exact and finite."""
+    inp = op_inputs(1, 40, 2, 4, depth=depth, seed=9, lr_max=0.05, decay_max=0.01)
+    with torch.no_grad():
+        inp["momentum"][:, 5:9] = 0.0
+        inp["decay"][:, 17] = 1.0
+        inp["decay"][:, 30:33] = 1.0
+    fns = (linear_memory_scan, linear_memory_scan_ref) if depth == 1 else (mlp_memory_scan, mlp_memory_scan_ref)
+    fast, g_fast = run_with_grads(fns[0], inp, chunk_size=8)
+    ref, g_ref = run_with_grads(fns[1], inp, chunk_size=8)
+    for a, b in zip(fast + g_fast, ref + g_ref):
+        assert torch.isfinite(a).all()
+        assert rel_err(a, b) < 1e-9
+
+
 def test_first_order_changes_only_gradients():
     inp = op_inputs(1, 40, 2, 4, depth=2, seed=3)
     full, g_full = run_with_grads(mlp_memory_scan, inp, chunk_size=8)
