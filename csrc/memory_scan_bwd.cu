@@ -37,23 +37,23 @@ __global__ void __launch_bounds__(kThreads) memory_scan_bwd_kernel(MemoryScanBwd
   float* sdW = sS0 + ROWS * LD;
   float* sdS = sdW + ROWS * LD;
   float* sQ = sdS + ROWS * LD;
-  float* sK = sQ + kMaxChunk * LD;
-  float* sV = sK + kMaxChunk * LD;  // later reused for r
-  float* sdY = sV + kMaxChunk * ROWS;
-  float* sGR = sdY + kMaxChunk * ROWS;
-  float* sRM1 = sGR + kMaxChunk * ROWS;
-  float* sRM2 = sRM1 + kMaxChunk * ROWS;
-  float* sTh = sRM2 + kMaxChunk * ROWS;
-  float* sEt = sTh + kMaxChunk;
-  float* sAl = sEt + kMaxChunk;
-  float* sa = sAl + kMaxChunk;
-  float* sc = sa + kMaxChunk;
-  float* sP = sc + kMaxChunk;
-  float* sg = sP + kMaxChunk;
-  float* sD = sg + kMaxChunk;
-  float* sda = sD + kMaxChunk;
-  float* sdc = sda + kMaxChunk;
-  float* sEBG = sdc + kMaxChunk;   // 3
+  float* sK = sQ + C * LD;
+  float* sV = sK + C * LD;  // later reused for r
+  float* sdY = sV + C * ROWS;
+  float* sGR = sdY + C * ROWS;
+  float* sRM1 = sGR + C * ROWS;
+  float* sRM2 = sRM1 + C * ROWS;
+  float* sTh = sRM2 + C * ROWS;
+  float* sEt = sTh + C;
+  float* sAl = sEt + C;
+  float* sa = sAl + C;
+  float* sc = sa + C;
+  float* sP = sc + C;
+  float* sg = sP + C;
+  float* sD = sg + C;
+  float* sda = sD + C;
+  float* sdc = sda + C;
+  float* sEBG = sdc + C;   // 3
   float* sRed = sEBG + 4;          // [kWarps][3]
 
   const T* q = static_cast<const T*>(p.q);
@@ -241,15 +241,14 @@ __global__ void __launch_bounds__(kThreads) memory_scan_bwd_kernel(MemoryScanBwd
 }
 
 template <int DK, int ROWS>
-size_t bwd_smem_bytes() {
+size_t bwd_smem_bytes(int C) {
   constexpr int LD = DK + 1;
-  return sizeof(float) *
-         (5 * ROWS * LD + 2 * kMaxChunk * LD + 6 * kMaxChunk * ROWS + 11 * kMaxChunk + 4 + 3 * kWarps);
+  return sizeof(float) * (5 * ROWS * LD + 2 * C * LD + 5 * C * ROWS + 10 * C + 4 + 3 * kWarps);
 }
 
 template <typename T, typename TY, int DK, int ROWS>
 int launch_bwd(const MemoryScanBwdArgs& p, cudaStream_t stream) {
-  const size_t smem = bwd_smem_bytes<DK, ROWS>();
+  const size_t smem = bwd_smem_bytes<DK, ROWS>(p.shape.chunk_size);
   auto kernel = memory_scan_bwd_kernel<T, TY, DK, ROWS>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));

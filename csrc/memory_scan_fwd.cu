@@ -29,19 +29,19 @@ __global__ void __launch_bounds__(kThreads) memory_scan_fwd_kernel(MemoryScanFwd
   float* sW = sA + ROWS * LD;
   float* sS = sW + ROWS * LD;
   float* sQ = sS + ROWS * LD;
-  float* sK = sQ + kMaxChunk * LD;
-  float* sV = sK + kMaxChunk * LD;
-  float* sAR = sV + kMaxChunk * ROWS;
-  float* sCR = sAR + kMaxChunk * ROWS;
-  float* sTh = sCR + kMaxChunk * ROWS;
-  float* sEt = sTh + kMaxChunk;
-  float* sAl = sEt + kMaxChunk;
-  float* sa = sAl + kMaxChunk;
-  float* sc = sa + kMaxChunk;
-  float* sP = sc + kMaxChunk;
-  float* sg = sP + kMaxChunk;
-  float* sD = sg + kMaxChunk;
-  float* sEBG = sD + kMaxChunk;
+  float* sK = sQ + C * LD;
+  float* sV = sK + C * LD;
+  float* sAR = sV + C * ROWS;
+  float* sCR = sAR + C * ROWS;
+  float* sTh = sCR + C * ROWS;
+  float* sEt = sTh + C;
+  float* sAl = sEt + C;
+  float* sa = sAl + C;
+  float* sc = sa + C;
+  float* sP = sc + C;
+  float* sg = sP + C;
+  float* sD = sg + C;
+  float* sEBG = sD + C;
 
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
@@ -137,15 +137,16 @@ __global__ void __launch_bounds__(kThreads) memory_scan_fwd_kernel(MemoryScanFwd
   }
 }
 
+// Tiles are sized by the call's chunk size, so short chunks leave room for more blocks per SM.
 template <int DK, int ROWS>
-size_t fwd_smem_bytes() {
+size_t fwd_smem_bytes(int C) {
   constexpr int LD = DK + 1;
-  return sizeof(float) * (3 * ROWS * LD + 2 * kMaxChunk * LD + 3 * kMaxChunk * ROWS + 9 * kMaxChunk + 4);
+  return sizeof(float) * (3 * ROWS * LD + 2 * C * LD + 3 * C * ROWS + 9 * C + 4);
 }
 
 template <typename T, typename TY, int DK, int ROWS>
 int launch_fwd(const MemoryScanFwdArgs& p, cudaStream_t stream) {
-  const size_t smem = fwd_smem_bytes<DK, ROWS>();
+  const size_t smem = fwd_smem_bytes<DK, ROWS>(p.shape.chunk_size);
   auto kernel = memory_scan_fwd_kernel<T, TY, DK, ROWS>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));

@@ -115,6 +115,31 @@ def test_mlp_chunked_matches_token_loop(L, C, offset, first_order):
     assert g_ref[6].norm() > 0 and g_ref[7].norm() > 0
 
 
+@pytest.mark.parametrize("depth", [1, 2])
+def test_clipped_inner_gradients_match_token_loop(depth):
+    """max_grad_norm: the per-token clip folded into theta equals clipping u in the token loop."""
+    L, C = 45, 8
+    inp = op_inputs(
+        2,
+        L,
+        2,
+        4,
+        depth=depth,
+        seed=7,
+        W_anchor=True,
+        lr_max=0.2 if depth == 1 else 0.03,
+        decay_max=0.3 if depth == 1 else 0.01,
+    )
+    fns = (linear_memory_scan, linear_memory_scan_ref) if depth == 1 else (mlp_memory_scan, mlp_memory_scan_ref)
+    kw = dict(chunk_size=C, offset=3, max_grad_norm=0.5)
+    fast, g_fast = run_with_grads(fns[0], inp, **kw)
+    ref, g_ref = run_with_grads(fns[1], inp, **kw)
+    for a, b in zip(fast + g_fast, ref + g_ref):
+        assert rel_err(a, b) < 1e-9
+    unclipped, _ = run_with_grads(fns[0], inp, chunk_size=C, offset=3)
+    assert rel_err(unclipped[1], fast[1]) > 1e-3  # the clip is active in this case
+
+
 def test_first_order_changes_only_gradients():
     inp = op_inputs(1, 40, 2, 4, depth=2, seed=3)
     full, g_full = run_with_grads(mlp_memory_scan, inp, chunk_size=8)
@@ -235,7 +260,7 @@ def test_layer_chunked_matches_reference_with_all_gradients(depth, L, first_orde
     x = torch.randn(2, L, 24, dtype=F64)
     results = []
     for use_ref in (False, True):
-        m.use_reference = use_ref
+        m.impl = "ref" if use_ref else "chunked"
         m.zero_grad()
         y, st = m(x)
         loss = (y * torch.linspace(-1, 1, y.numel(), dtype=F64).view_as(y)).sum()

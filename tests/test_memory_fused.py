@@ -12,6 +12,15 @@ from nestlm.ops.memory_fused import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny per-token ops: intra-op threads only add contention on a shared 2-core machine.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 

@@ -78,3 +78,16 @@ def test_memory_update_norms_cover_memory_layers_only():
     assert norms and all(k.startswith(("memory/blocks.1.mixer.", "memory/blocks.1.channel.")) for k in norms)
     assert any(v > 0 for v in norms.values())
     assert any(".channel." in k for k in norms) and any(".mixer." in k for k in norms)
+
+
+def test_carried_state_survives_a_weights_only_checkpoint(tmp_path):
+    module = NestLM(preset="transformer", overrides=TINY)
+    module._carry = module(torch.randint(0, 97, (2, 11))).state.detach()
+    ckpt = {}
+    module.on_save_checkpoint(ckpt)
+    torch.save(ckpt, tmp_path / "c.ckpt")
+    again = NestLM(preset="transformer", overrides=TINY)
+    again.on_load_checkpoint(torch.load(tmp_path / "c.ckpt", weights_only=True))
+    a, b = module._carry.flat(), again._carry.flat()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert again._carry.meta["tokens_seen"] == 11

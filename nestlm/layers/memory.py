@@ -92,8 +92,8 @@ class NeuralMemory(nn.Module):
             max_lr=0.1, C=16 does at init); the LN inside the depth-2 memory bounds its steps.
     forward(x [b, t, d_model], state=None) -> (y [b, t, d_model], state)
 
-    Setting `use_reference = True` runs the token-loop reference ops instead of the chunked ones
-    (same results; for tests and benchmarks).
+    `impl="ref"` runs the token-loop reference ops instead of the chunked ones (same results; for
+    tests and benchmarks).
     """
 
     def __init__(
@@ -110,6 +110,7 @@ class NeuralMemory(nn.Module):
         gate: bool = True,
         max_grad_norm: float | None = None,
         ln_eps: float = 1e-5,
+        impl: str = "chunked",
     ):
         super().__init__()
         for name, val in (
@@ -134,7 +135,9 @@ class NeuralMemory(nn.Module):
                 f"NeuralMemory max_grad_norm={max_grad_norm!r} is invalid: expected a positive float or None"
             )
         self.first_order, self.max_grad_norm, self.ln_eps = first_order, max_grad_norm, ln_eps
-        self.use_reference = False
+        if impl not in ("chunked", "ref"):
+            raise ValueError(f"NeuralMemory impl={impl!r} is invalid: expected 'chunked' or 'ref'")
+        self.impl = impl
         inner = n_heads * head_dim
 
         self.qkv_proj = nn.Linear(d_model, 3 * inner, bias=False)
@@ -234,7 +237,7 @@ class NeuralMemory(nn.Module):
         S = tuple(state[f"S.{i}"] for i in names)
         Wa = tuple(state[f"W_anchor.{i}"] for i in names)
         if self.depth == 1:
-            scan = linear_memory_scan_ref if self.use_reference else linear_memory_scan
+            scan = linear_memory_scan_ref if self.impl == "ref" else linear_memory_scan
             o, (W, S, Wa) = scan(
                 q,
                 k,
@@ -252,7 +255,7 @@ class NeuralMemory(nn.Module):
             )
             W, S, Wa = (W,), (S,), (Wa,)
         else:
-            scan = mlp_memory_scan_ref if self.use_reference else mlp_memory_scan
+            scan = mlp_memory_scan_ref if self.impl == "ref" else mlp_memory_scan
             o, (W, S, Wa) = scan(
                 q,
                 k,

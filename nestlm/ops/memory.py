@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -110,28 +111,34 @@ def mlp_memory_read(W: Weights, ln_weight: Tensor, ln_bias: Tensor, x: Tensor, e
     return _mlp_parts(W, ln_weight[:, None, :], ln_bias[:, None, :], x, eps)[0]
 
 
-def _gelu_grad(h: Tensor) -> Tensor:
-    """d gelu(h) / dh for the exact GELU: Phi(h) + h phi(h)."""
-    return 0.5 * (1.0 + torch.erf(h * (1.0 / math.sqrt(2.0)))) + h * torch.exp(-0.5 * h * h) / math.sqrt(2.0 * math.pi)
-
-
 def _linear_grad_factors(A: Weights, k: Tensor, v: Tensor) -> list[tuple[Tensor, Tensor]]:
-    """Per-token gradient of ||A k - v||^2 as outer products: u_i = P_i R_i^T with P = 2 r, R = k."""
-    r = k @ A[0].transpose(-1, -2) - v
-    return [(2.0 * r, k)]
+    """Half the per-token gradient of ||A k - v||^2 as outer products: u_i / 2 = r_i k_i^T.
+
+    A = (W [n, dv, dk],), k [n, C, dk], v [n, C, dv] (n = batch * heads). Returns [(r, k)].
+    """
+    return [(torch.baddbmm(v, k, A[0].transpose(1, 2), beta=-1.0), k)]
 
 
 def _mlp_grad_factors(A: Weights, ln_weight: Tensor, ln_bias: Tensor, k: Tensor, v: Tensor, eps: float):
-    """Per-token gradient of ||M_A(k) - v||^2 w.r.t. (W1, W2) as outer products (P_i, R_i) per weight.
+    """Half the per-token gradient of ||M_A(k) - v||^2 w.r.t. (W1, W2) as outer products per weight.
 
-    k, v [..., n, d]. Back-propagation through out = k + LN(W2 gelu(W1 k)), one token at a time:
-    dl/dout = 2 r, through the LN affine and normalisation to g_z [dv], then g_a = W2^T g_z and
-    g_h = g_a * gelu'(h). u_W2 = g_z a^T, u_W1 = g_h k^T.
+    A = (W1 [n, hid, d], W2 [n, d, hid]), k, v [n, C, d], ln_weight/ln_bias [n, 1, d].
+    Back-propagation through out = k + LN(W2 gelu(W1 k)), one token at a time: dl/dout / 2 = r,
+    through the affine and the normalisation to g_z [d], then g_h = gelu'(h) * (W2^T g_z);
+    u_W1 / 2 = g_h k^T and u_W2 / 2 = g_z a^T. The LN and GELU backward are aten's own (twice
+    differentiable) kernels; mean and rstd enter them as saved statistics of z, whose dependence on z
+    the double backward of native_layer_norm_backward accounts for.
     """
-    out, h, a, zhat, rstd = _mlp_parts(A, ln_weight, ln_bias, k, eps)
-    g_zhat = 2.0 * (out - v) * ln_weight
-    g_z = rstd * (g_zhat - g_zhat.mean(-1, keepdim=True) - zhat * (g_zhat * zhat).mean(-1, keepdim=True))
-    g_h = (g_z @ A[1]) * _gelu_grad(h)
+    d = k.shape[-1]
+    h = torch.bmm(k, A[0].transpose(1, 2))
+    a = F.gelu(h)
+    z = torch.bmm(a, A[1].transpose(1, 2))
+    zhat, mean, rstd = torch.native_layer_norm(z, (d,), None, None, eps)
+    g_zhat = (torch.addcmul(ln_bias, zhat, ln_weight) + k - v) * ln_weight
+    g_z = torch.ops.aten.native_layer_norm_backward(
+        g_zhat, z, (d,), mean.detach(), rstd.detach(), None, None, (True, False, False)
+    )[0]
+    g_h = torch.ops.aten.gelu_backward(torch.bmm(g_z, A[1]), h)
     return [(g_h, k), (g_z, a)]
 
 
@@ -179,42 +186,58 @@ def _as_tuple(W) -> Weights:
 # ------------------------------------------------------------------------------------------------
 # chunked fast path (generic over the memory)
 # ------------------------------------------------------------------------------------------------
+class _Memory(NamedTuple):
+    """How one memory reads and is differentiated, in the two layouts.
+
+    read_ref(A, x): A [b, h, p, r] weights, x [b, h, 1, d] (token loop).
+    read_fast(A, x): A [n, N, p, r], x [n, N, C, d] with n = b * h (all chunks at once).
+    factors(A, k, v): A [n, p, r], k, v [n, C, d] -> per weight (P, R) with u / 2 = P_i R_i^T.
+    loss(A, k, v): A [b, h, p, r], k, v [b, h, 1, d] -> ||M_A(k) - v||^2 [b, h].
+    shapes: the expected [b, h, p, r] of each weight.
+    """
+
+    read_ref: Callable
+    read_fast: Callable
+    factors: Callable
+    loss: Callable
+    shapes: list
+
+
 def _chunk_coefficients(lr: Tensor, momentum: Tensor, decay: Tensor, C: int, offset: int):
     """Closed-form chunk coefficients for all chunks at once.
 
-    lr, momentum, decay [b, h, L] (state dtype). The sequence is laid on the absolute chunk grid:
+    lr, momentum, decay [n, L] (state dtype). The sequence is laid on the absolute chunk grid:
     `offset` identity tokens in front, identity tokens after, N = ceil((offset + L) / C) chunks.
     Identity tokens have theta = 0 and factor 1 and are masked out of the sums over t.
-    Returns c, e [b, h, N, C] and B_n, E_n, g [b, h, N, 1, 1].
+    Returns ce [n, N, C, 2] (c_i and e_i side by side) and T [n, N, 2, 2] = [[B_n, g], [0, E_n]],
+    the chunk's map of (W_0, S_0).
     """
-    b, h, L = lr.shape
+    n, L = lr.shape
     N = -(-(offset + L) // C)
     pad = (offset, N * C - offset - L)
-    log_eta = torch.log(momentum.clamp(min=_MIN_FACTOR))
-    log_keep = torch.log((1.0 - decay).clamp(min=_MIN_FACTOR))
-    log_eta = F.pad(log_eta, pad).view(b, h, N, C)
-    log_keep = F.pad(log_keep, pad).view(b, h, N, C)
-    theta = F.pad(lr, pad).view(b, h, N, C)
+    log_eta = F.pad(torch.log(momentum.clamp(min=_MIN_FACTOR)), pad).view(n, N, C)
+    log_keep = F.pad(torch.log((1.0 - decay).clamp(min=_MIN_FACTOR)), pad).view(n, N, C)
+    theta = F.pad(lr, pad).view(n, N, C)
     real = F.pad(torch.ones(L, dtype=torch.bool, device=lr.device), pad).view(N, C)
 
     cE = log_eta.cumsum(-1)  # log E_t
     cB = log_keep.cumsum(-1)  # log B_t
     cE_n, cB_n = cE[..., -1:], cB[..., -1:]
-    # log (B_n / B_t)(E_t / E_i) for t >= i: [b, h, N, C(t), C(i)]
+    # log (B_n / B_t)(E_t / E_i) for t >= i: [n, N, C(t), C(i)]; never positive
     tri = torch.ones(C, C, dtype=torch.bool, device=lr.device).tril()
-    valid = tri[None] & real[:, :, None]  # [N, t, i]
-    logits = (cB_n - cB + cE)[..., :, None] - cE[..., None, :]
+    valid = tri[None] & real[:, :, None]
+    log_bt_et = cB_n - cB + cE
+    logits = log_bt_et[..., :, None] - cE[..., None, :]
     D = torch.where(valid, logits, torch.full_like(logits, -math.inf)).exp()
     c = theta * D.sum(-2)
     e = theta * torch.exp(cE_n - cE)
-    g_logits = torch.where(real, cB_n - cB + cE, torch.full_like(cE, -math.inf))
-    g = g_logits.exp().sum(-1, keepdim=True)
-    return c, e, cB_n.exp()[..., None], cE_n.exp()[..., None], g[..., None]
+    g = torch.where(real, log_bt_et, torch.full_like(cE, -math.inf)).exp().sum(-1, keepdim=True)
+    T = torch.stack((torch.cat((cB_n.exp(), g), -1), torch.cat((torch.zeros_like(g), cE_n.exp()), -1)), -2)
+    return torch.stack((c, e), -1), T
 
 
 def _chunked_scan(
-    read_fn: Callable[[Weights, Tensor], Tensor],
-    factors_fn: Callable[[Weights, Tensor, Tensor], list[tuple[Tensor, Tensor]]],
+    mem: _Memory,
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -229,54 +252,68 @@ def _chunked_scan(
     first_order: bool,
     max_grad_norm: float | None,
 ):
-    """Shared chunk loop. q, k [b, l, h, dk], v [b, l, h, dv] -> y [b, l, h, dv], (W, S, W_anchor)."""
+    """Shared chunk loop. q, k [b, l, h, dk], v [b, l, h, dv] -> y [b, l, h, dv], (W, S, W_anchor).
+
+    Inside, batch and heads are one dim n = b * h. Each weight m keeps W and S stacked as one
+    [n, 2p, r] tensor, so a chunk's update is one bmm with T (the map of W_0, S_0) and one baddbmm
+    subtracting [sum_i c_i u_i; sum_i e_i u_i] = (P * [c, e])^T R.
+    """
+    read_fn, factors_fn = mem.read_fast, mem.factors
     b, L, h, _ = q.shape
-    dt = W[0].dtype
+    n, dt = b * h, W[0].dtype
     N = -(-(offset + L) // C)
     pad = (0, 0, offset, N * C - offset - L)
 
-    def chunks(x):  # [b, l, h, d] -> [b, h, N, C, d]
+    def chunks(x):  # [b, l, h, d] -> [n, N, C, d]
         x = F.pad(x.to(dt).transpose(1, 2), pad)
-        return x.reshape(b, h, N, C, x.shape[-1])
+        return x.reshape(n, N, C, x.shape[-1])
 
     qc, kc, vc = chunks(q), chunks(k), chunks(v)
-    gates = [g.to(dt).transpose(1, 2) for g in (lr, momentum, decay)]
-    c, e, B_n, E_n, g = _chunk_coefficients(*gates, C, offset)
-    # c and e side by side so that one matmul per weight gives both sum_i c_i u_i and sum_i e_i u_i
-    ce = torch.stack((c, e), dim=-1)  # [b, h, N, C, 2]
+    gates = [g.to(dt).transpose(1, 2).reshape(n, L) for g in (lr, momentum, decay)]
+    ce, T = _chunk_coefficients(*gates, C, offset)
+    ce = 2.0 * ce  # the factors give u / 2
+    # per-chunk slices taken once: indexing inside the loop would make autograd scatter every
+    # chunk's gradient into a full-size zero tensor
+    ks, vs, ces, Ts = kc.unbind(1), vc.unbind(1), ce.unbind(1), T.unbind(1)
 
-    Wc, Sc = list(W), list(S)
+    shapes = [w.shape[-2:] for w in W]
+    WS = [torch.cat((w.reshape(n, *sh), s.reshape(n, *sh)), 1) for w, s, sh in zip(W, S, shapes)]
+    Wa = None if W_anchor is None else [a.reshape(n, *sh) for a, sh in zip(W_anchor, shapes)]
     anchors = []
     for j in range(N):
-        A = tuple(W_anchor) if (j == 0 and offset > 0) else tuple(Wc)
+        A = tuple(Wa) if (j == 0 and offset > 0) else tuple(ws[:, : sh[0]] for ws, sh in zip(WS, shapes))
         anchors.append(A)
-        A_grad = tuple(a.detach() for a in A) if first_order else A
-        factors = factors_fn(A_grad, kc[:, :, j], vc[:, :, j])
-        cej = ce[:, :, j]  # [b, h, C, 2]
+        factors = factors_fn(tuple(a.detach() for a in A) if first_order else A, ks[j], vs[j])
+        cej = ces[j]  # [n, C, 2]
         if max_grad_norm is not None:
-            # ||u_i||_F^2 = sum over weights of ||P_i||^2 ||R_i||^2 (each u is rank one per weight)
-            sq = sum(P.pow(2).sum(-1) * R.pow(2).sum(-1) for P, R in factors)
+            # ||u_i||_F^2 = 4 sum over weights of ||P_i||^2 ||R_i||^2 (each u is rank one per weight)
+            sq = 4.0 * sum(P.pow(2).sum(-1) * R.pow(2).sum(-1) for P, R in factors)
             cej = cej * _clip_scale(sq, max_grad_norm)[..., None]
         for m, (P, R) in enumerate(factors):
-            # [b, h, C, 2, p] -> [b, h, 2p, C] @ [b, h, C, r] -> [b, h, 2, p, r]
-            Pw = (P[..., None, :] * cej[..., None]).flatten(-2).transpose(-1, -2)
-            cu, eu = (Pw @ R).unflatten(-2, (2, P.shape[-1])).unbind(-3)
-            Wc[m], Sc[m] = B_n[:, :, j] * Wc[m] + g[:, :, j] * Sc[m] - cu, E_n[:, :, j] * Sc[m] - eu
+            p, r = shapes[m]
+            P2 = (P[:, :, None, :] * cej[..., None]).reshape(n, C, 2 * p)  # [P c, P e]
+            mixed = torch.bmm(Ts[j], WS[m].view(n, 2, p * r)).view(n, 2 * p, r)
+            WS[m] = torch.baddbmm(mixed, P2.transpose(1, 2), R, alpha=-1.0)
 
     # all reads at once: every chunk reads its anchor
-    A_all = tuple(torch.stack(ws, dim=2) for ws in zip(*anchors))  # [b, h, N, ...]
-    y = read_fn(A_all, qc)  # [b, h, N, C, dv]
+    A_all = tuple(torch.stack(ws, dim=1) for ws in zip(*anchors))  # [n, N, p, r]
+    y = read_fn(A_all, qc)  # [n, N, C, dv]
     y = y.reshape(b, h, N * C, -1)[:, :, offset : offset + L].transpose(1, 2)
-    return y, (tuple(Wc), tuple(Sc), anchors[-1])
+
+    def unflat(x):
+        return x.reshape(b, h, *x.shape[1:])
+
+    W_end = tuple(unflat(ws[:, : sh[0]]) for ws, sh in zip(WS, shapes))
+    S_end = tuple(unflat(ws[:, sh[0] :]) for ws, sh in zip(WS, shapes))
+    return y, (W_end, S_end, tuple(unflat(a) for a in anchors[-1]))
 
 
 # ------------------------------------------------------------------------------------------------
 # token-loop references (generic over the memory)
 # ------------------------------------------------------------------------------------------------
-def _token_loop_ref(
-    read_fn, loss_fn, q, k, v, lr, momentum, decay, W, S, W_anchor, C, offset, first_order, max_grad_norm
-):
+def _token_loop_ref(mem, q, k, v, lr, momentum, decay, W, S, W_anchor, C, offset, first_order, max_grad_norm):
     """One token at a time, the gradient taken by autograd at the current anchor."""
+    read_fn, loss_fn = mem.read_ref, mem.loss
     dt = W[0].dtype
     q, k, v, lr, momentum, decay = (x.to(dt) for x in (q, k, v, lr, momentum, decay))
     outer_grad = torch.is_grad_enabled()
@@ -310,6 +347,7 @@ def _token_loop_ref(
 def _run(
     name,
     fast,
+    mem,
     q,
     k,
     v,
@@ -324,69 +362,33 @@ def _run(
     return_state,
     first_order,
     max_grad_norm,
-    read_fn,
-    factors_fn,
-    loss_fn,
-    weight_shapes,
 ):
     if max_grad_norm is not None and not max_grad_norm > 0:
         raise ValueError(f"{name}: max_grad_norm={max_grad_norm!r}: expected a positive float or None")
-    _check_args(name, q, k, v, lr, momentum, decay, W, S, W_anchor, chunk_size, offset, weight_shapes)
+    _check_args(name, q, k, v, lr, momentum, decay, W, S, W_anchor, chunk_size, offset, mem.shapes)
     if q.shape[1] == 0:
         y = q.new_zeros(*q.shape[:3], W[0].shape[-2]).to(W[0].dtype)
         state = (W, S, W_anchor if W_anchor is not None else W)
     else:
+        scan = _chunked_scan if fast else _token_loop_ref
         # the recurrence runs in the state dtype whatever autocast says
         with torch.autocast(device_type=q.device.type, enabled=False):
-            if fast:
-                y, state = _chunked_scan(
-                    read_fn,
-                    factors_fn,
-                    q,
-                    k,
-                    v,
-                    lr,
-                    momentum,
-                    decay,
-                    W,
-                    S,
-                    W_anchor,
-                    chunk_size,
-                    offset,
-                    first_order,
-                    max_grad_norm,
-                )
-            else:
-                y, state = _token_loop_ref(
-                    read_fn,
-                    loss_fn,
-                    q,
-                    k,
-                    v,
-                    lr,
-                    momentum,
-                    decay,
-                    W,
-                    S,
-                    W_anchor,
-                    chunk_size,
-                    offset,
-                    first_order,
-                    max_grad_norm,
-                )
+            y, state = scan(
+                mem, q, k, v, lr, momentum, decay, W, S, W_anchor, chunk_size, offset, first_order, max_grad_norm
+            )
     return (y, state) if return_state else y
 
 
-def _linear_args(q, v, W, S, W_anchor):
+def _linear_memory(q, v, W, S, W_anchor):
     W, S = _as_tuple(W), _as_tuple(S)
     W_anchor = None if W_anchor is None else _as_tuple(W_anchor)
     b, _, h, dk = q.shape
-    shapes = [(b, h, v.shape[-1], dk)]
-    return W, S, W_anchor, shapes
 
+    def loss(A, k, v):
+        return (_linear_read(A, k) - v).pow(2).sum((-1, -2))
 
-def _linear_loss(A, k, v):
-    return (_linear_read(A, k) - v).pow(2).sum((-1, -2))
+    mem = _Memory(_linear_read, _linear_read, _linear_grad_factors, loss, [(b, h, v.shape[-1], dk)])
+    return mem, W, S, W_anchor
 
 
 def _unpack_linear(out, return_state):
@@ -425,9 +427,6 @@ def linear_memory_scan(
         offset: tokens of the current chunk consumed by earlier calls, in [0, C)
             (the absolute position modulo C).
         return_state: also return the final (W, S, W_anchor).
-            On CUDA tensors with the csrc kernel built (and first_order=False, max_grad_norm=None)
-            the fused kernel of nestlm.ops.memory_fused runs instead; NESTLM_BACKEND=torch forces
-            this PyTorch path.
         first_order: take the inner gradients with the anchor detached.
         max_grad_norm: if set, each token's inner gradient u_t (per head, Frobenius norm over all
             memory weights) is scaled by min(1, max_grad_norm / ||u_t||) before it enters the
@@ -439,8 +438,11 @@ def linear_memory_scan(
         y [b, l, h, dv] in W's dtype, and if return_state (W, S, W_anchor) each [b, h, dv, dk]:
         memory and momentum after the last token, and the anchor of the chunk holding the last
         token (a caller continuing with offset = (offset + l) % C passes it back as W_anchor).
+
+    On CUDA tensors with the csrc kernel built (and first_order=False, max_grad_norm=None) the fused
+    kernel of nestlm.ops.memory_fused runs instead; NESTLM_BACKEND=torch forces this PyTorch path.
     """
-    W, S, W_anchor, shapes = _linear_args(q, v, W, S, W_anchor)
+    mem, W, S, W_anchor = _linear_memory(q, v, W, S, W_anchor)
     if (
         q.device.type == "cuda"
         and not first_order
@@ -456,6 +458,7 @@ def linear_memory_scan(
     out = _run(
         "linear_memory_scan",
         True,
+        mem,
         q,
         k,
         v,
@@ -470,10 +473,6 @@ def linear_memory_scan(
         return_state,
         first_order,
         max_grad_norm,
-        _linear_read,
-        _linear_grad_factors,
-        _linear_loss,
-        shapes,
     )
     return _unpack_linear(out, return_state)
 
@@ -495,10 +494,11 @@ def linear_memory_scan_ref(
     max_grad_norm=None,
 ):
     """Token-loop reference of `linear_memory_scan` (same arguments and results)."""
-    W, S, W_anchor, shapes = _linear_args(q, v, W, S, W_anchor)
+    mem, W, S, W_anchor = _linear_memory(q, v, W, S, W_anchor)
     out = _run(
         "linear_memory_scan_ref",
         False,
+        mem,
         q,
         k,
         v,
@@ -513,18 +513,18 @@ def linear_memory_scan_ref(
         return_state,
         first_order,
         max_grad_norm,
-        _linear_read,
-        _linear_grad_factors,
-        _linear_loss,
-        shapes,
     )
     return _unpack_linear(out, return_state)
 
 
-def _mlp_setup(name, q, v, W, S, W_anchor, ln_weight, ln_bias, eps):
+def _mlp_memory(name, q, v, W, S, W_anchor, ln_weight, ln_bias, eps):
     W, S = _as_tuple(W), _as_tuple(S)
     W_anchor = None if W_anchor is None else _as_tuple(W_anchor)
     b, _, h, d = q.shape
+    if ln_weight is None:
+        ln_weight = q.new_ones(h, d)
+    if ln_bias is None:
+        ln_bias = q.new_zeros(h, d)
     if v.shape[-1] != d:
         raise ValueError(f"{name}: v has {v.shape[-1]} dims: the residual MLP memory needs dv = dk = {d}")
     if len(W) != 2:
@@ -535,18 +535,22 @@ def _mlp_setup(name, q, v, W, S, W_anchor, ln_weight, ln_bias, eps):
             raise ValueError(f"{name}: {nm} has shape {tuple(p.shape)}: expected [{h}, {d}]")
     dt = W[0].dtype
     lw, lb = ln_weight.to(dt), ln_bias.to(dt)
+    lw_n, lb_n = lw.expand(b, h, d).reshape(b * h, 1, d), lb.expand(b, h, d).reshape(b * h, 1, d)
 
-    def read(A, x):  # x [b, h, (N,) n, d]; the affine broadcasts over the chunk dims
-        shape = (h,) + (1,) * (x.dim() - 3) + (d,)
-        return _mlp_parts(A, lw.view(shape), lb.view(shape), x, eps)[0]
+    def read_ref(A, x):  # x [b, h, 1, d]
+        return _mlp_parts(A, lw[:, None], lb[:, None], x, eps)[0]
+
+    def read_fast(A, x):  # x [b * h, N, C, d]
+        return _mlp_parts(A, lw_n[:, None], lb_n[:, None], x, eps)[0]
 
     def factors(A, k, v):
-        return _mlp_grad_factors(A, lw[:, None, :], lb[:, None, :], k, v, eps)
+        return _mlp_grad_factors(A, lw_n, lb_n, k, v, eps)
 
     def loss(A, k, v):
-        return (read(A, k) - v).pow(2).sum((-1, -2))
+        return (read_ref(A, k) - v).pow(2).sum((-1, -2))
 
-    return W, S, W_anchor, [(b, h, hid, d), (b, h, d, hid)], read, factors, loss
+    mem = _Memory(read_ref, read_fast, factors, loss, [(b, h, hid, d), (b, h, d, hid)])
+    return mem, W, S, W_anchor
 
 
 def mlp_memory_scan(
@@ -577,16 +581,11 @@ def mlp_memory_scan(
         eps: LN epsilon.
     Returns y [b, l, h, d] and, if return_state, (W, S, W_anchor) as pairs.
     """
-    if ln_weight is None:
-        ln_weight = q.new_ones(q.shape[2], q.shape[3])
-    if ln_bias is None:
-        ln_bias = q.new_zeros(q.shape[2], q.shape[3])
-    W, S, W_anchor, shapes, read, factors, loss = _mlp_setup(
-        "mlp_memory_scan", q, v, W, S, W_anchor, ln_weight, ln_bias, eps
-    )
+    mem, W, S, W_anchor = _mlp_memory("mlp_memory_scan", q, v, W, S, W_anchor, ln_weight, ln_bias, eps)
     return _run(
         "mlp_memory_scan",
         True,
+        mem,
         q,
         k,
         v,
@@ -601,10 +600,6 @@ def mlp_memory_scan(
         return_state,
         first_order,
         max_grad_norm,
-        read,
-        factors,
-        loss,
-        shapes,
     )
 
 
@@ -628,16 +623,11 @@ def mlp_memory_scan_ref(
     eps=1e-5,
 ):
     """Token-loop reference of `mlp_memory_scan` (same arguments and results)."""
-    if ln_weight is None:
-        ln_weight = q.new_ones(q.shape[2], q.shape[3])
-    if ln_bias is None:
-        ln_bias = q.new_zeros(q.shape[2], q.shape[3])
-    W, S, W_anchor, shapes, read, factors, loss = _mlp_setup(
-        "mlp_memory_scan_ref", q, v, W, S, W_anchor, ln_weight, ln_bias, eps
-    )
+    mem, W, S, W_anchor = _mlp_memory("mlp_memory_scan_ref", q, v, W, S, W_anchor, ln_weight, ln_bias, eps)
     return _run(
         "mlp_memory_scan_ref",
         False,
+        mem,
         q,
         k,
         v,
@@ -652,8 +642,4 @@ def mlp_memory_scan_ref(
         return_state,
         first_order,
         max_grad_norm,
-        read,
-        factors,
-        loss,
-        shapes,
     )

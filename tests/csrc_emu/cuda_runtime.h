@@ -58,6 +58,9 @@ void launch(F kernel, int grid, int block, size_t smem_bytes, const A& args) {
     std::fill(shared_mem, shared_mem + kSharedFloats, std::numeric_limits<float>::quiet_NaN());
     blockIdx.x = bx;
     run_block(block, [&] { kernel(args); });
+    // Nothing may land past the dynamic shared memory the launch asked for.
+    for (size_t i = smem_bytes / sizeof(float); i < kSharedFloats; ++i)
+      if (!std::isnan(shared_mem[i])) throw std::runtime_error("kernel wrote past its dynamic shared memory");
   }
 }
 }  // namespace emu

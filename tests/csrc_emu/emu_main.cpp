@@ -2,6 +2,8 @@
 #include <cuda_runtime.h>
 #include <ucontext.h>
 
+#include <cstdio>
+
 #include "memory_scan.h"
 
 EmuDim3 threadIdx;
@@ -132,7 +134,12 @@ int emu_fwd(const int64_t* dims, void** ptrs) {
   a.A_out = static_cast<float*>(ptrs[12]);
   a.W_states = static_cast<float*>(ptrs[13]);
   a.S_states = static_cast<float*>(ptrs[14]);
-  return nestlm::memory_scan_fwd(a, nullptr);
+  try {
+    return nestlm::memory_scan_fwd(a, nullptr);
+  } catch (const std::exception& err) {
+    std::fprintf(stderr, "emulated forward: %s\n", err.what());
+    return -1;
+  }
 }
 
 // ptrs: q k v dy lr mom dec A W_states S_states dW_end dS_end dA_end
@@ -163,6 +170,11 @@ int emu_bwd(const int64_t* dims, void** ptrs) {
   a.dS0 = static_cast<float*>(ptrs[20]);
   a.dA = static_cast<float*>(ptrs[21]);
   a.first_order = dims[9] != 0;
-  return nestlm::memory_scan_bwd(a, nullptr);
+  try {
+    return nestlm::memory_scan_bwd(a, nullptr);
+  } catch (const std::exception& err) {
+    std::fprintf(stderr, "emulated backward: %s\n", err.what());
+    return -1;
+  }
 }
 }
