@@ -102,7 +102,14 @@ def main() -> None:
     ap.add_argument("--layers", default="", help="comma-separated name prefixes to run (default: all)")
     ap.add_argument("--quick", action="store_true", help="lengths 256,512, one rep (smoke run)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "memory_cpu.json"))
+    ap.add_argument("--summarize", metavar="JSON", help="recompute the summary of an earlier result file and exit")
     args = ap.parse_args()
+    if args.summarize:
+        result = json.loads(Path(args.summarize).read_text())
+        result["summary"] = summarize(result["results"])
+        Path(args.summarize).write_text(json.dumps(result, indent=2) + "\n")
+        print_summary(result["summary"])
+        return
     if args.quick:
         args.lengths, args.titans_lengths, args.reps = "256,512", "256,512", 1
     lengths = [int(s) for s in args.lengths.split(",") if s]
@@ -144,10 +151,7 @@ def main() -> None:
                 )
 
     summary = summarize(rows)
-    print()
-    print(f"{'comparison':62s} {'L':>5s} {'speed-up':>9s}")
-    for s in summary:
-        print(f"{s['comparison']:62s} {s['L']:5d} {s['speedup']:8.1f}x")
+    print_summary(summary)
     result = {
         "benchmark": "memory_cpu",
         "what": "forward+backward of one layer, x [1, L, 256] fp32, loss = mean(y^2)",
@@ -169,39 +173,46 @@ def main() -> None:
     print(f"\nwrote {out}")
 
 
+def print_summary(summary: list[dict]) -> None:
+    print()
+    print(f"{'comparison (speed-up = slow / fast)':66s} {'L':>5s} {'wall':>8s} {'cpu':>8s}")
+    for s in summary:
+        print(f"{s['comparison']:66s} {s['L']:5d} {s['speedup_wall']:7.2f}x {s['speedup_cpu']:7.2f}x")
+
+
 def summarize(rows: list[dict]) -> list[dict]:
-    """Speed-ups (wall time ratios) of the chunked paths and of NeuralMemory over titans-pytorch."""
+    """Speed-ups of the chunked paths and of NeuralMemory over titans-pytorch, as ratios of wall time
+    and of process CPU time (the CPU ratio is the steadier one on a shared machine)."""
     by = {(r["layer"], r["impl"], r["L"]): r for r in rows}
+
+    def ratio(comparison, L, slow, fast):
+        return {
+            "comparison": comparison,
+            "L": L,
+            "speedup_wall": slow["seconds"] / fast["seconds"],
+            "speedup_cpu": slow["cpu_seconds"] / fast["cpu_seconds"],
+        }
+
     out = []
     for (layer, impl, L), r in by.items():
         if impl == "chunked" and (layer, "token-loop", L) in by:
-            ref = by[(layer, "token-loop", L)]
-            out.append(
-                {"comparison": f"{layer}: chunked vs token loop", "L": L, "speedup": ref["seconds"] / r["seconds"]}
-            )
-        if (
-            impl == "vs-titans"
-            and layer.startswith("NeuralMemory")
-            and ("titans-pytorch NeuralMemory", "vs-titans", L) in by
-        ):
-            t = by[("titans-pytorch NeuralMemory", "vs-titans", L)]
+            out.append(ratio(f"{layer}: chunked vs token loop", L, by[(layer, "token-loop", L)], r))
+        titans = by.get(("titans-pytorch NeuralMemory", "vs-titans", L))
+        if impl == "vs-titans" and layer.startswith("NeuralMemory") and titans is not None:
+            out.append(ratio("NeuralMemory(256,4,64,depth=2,C=16) vs titans-pytorch", L, titans, r))
+    for name in ("NeuralMemory(depth=2)", "titans-pytorch NeuralMemory"):
+        runs = sorted((r["L"], r) for r in rows if r["impl"] == "vs-titans" and r["layer"] == name)
+        if len(runs) >= 2:
+            (l0, r0), (l1, r1) = runs[0], runs[-1]
+            # time per token at the longest length over that at the shortest: 1 means linear in L
             out.append(
                 {
-                    "comparison": "NeuralMemory(256,4,64,depth=2,C=16) vs titans-pytorch",
-                    "L": L,
-                    "speedup": t["seconds"] / r["seconds"],
+                    "comparison": f"{name}: time per token, L={l1} / L={l0} (1 = linear)",
+                    "L": l1,
+                    "speedup_wall": (r1["seconds"] / l1) / (r0["seconds"] / l0),
+                    "speedup_cpu": (r1["cpu_seconds"] / l1) / (r0["cpu_seconds"] / l0),
                 }
             )
-    ours = sorted((r["L"], r["seconds"]) for r in rows if r["impl"] == "vs-titans" and r["layer"].startswith("Neural"))
-    if len(ours) >= 2:
-        (l0, t0), (l1, t1) = ours[0], ours[-1]
-        out.append(
-            {
-                "comparison": f"NeuralMemory time per token at L={l1} / at L={l0} (1 = linear)",
-                "L": l1,
-                "speedup": (t1 / l1) / (t0 / l0),
-            }
-        )
     return out
 
 

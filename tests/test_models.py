@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import pytest
@@ -17,12 +18,20 @@ SMALL = dict(vocab_size=61, d_model=32, n_heads=4, window=7, ssm_headdim=16, ssm
 STACKS = {
     "attn": ["attn", "attn"],
     "swa": ["swa", "swa"],
+    "mamba": ["mamba"],
+    "mamba2": ["mamba2"],
+    "memory": ["memory"],
+    "hope": ["hope"],
     "attn+swa": ["swa", "attn", "swa"],
+    "mixed": ["mamba2", "swa", "hope", "mamba", "memory", "attn"],
 }
+CMS_STACKS = {"mixed", "hope"}  # these run with CMS channel mixers
 
 
 def small_model(layers, **kw) -> HybridLM:
     torch.manual_seed(0)
+    if kw.pop("cms", False):
+        kw["channel_mixers"] = ["cms" if i % 2 else "mlp" for i in range(len(layers))] if len(layers) > 1 else ["cms"]
     return HybridLM(HybridConfig(**{**SMALL, "layers": layers, **kw})).double().eval()
 
 
@@ -38,7 +47,7 @@ def random_pieces(t: int, rng: random.Random) -> list[tuple[int, int]]:
 
 @pytest.mark.parametrize("stack", list(STACKS))
 def test_streaming_equals_one_call(stack):
-    model = small_model(STACKS[stack])
+    model = small_model(STACKS[stack], cms=stack in CMS_STACKS)
     x = torch.randint(0, 61, (2, 53))
     with torch.no_grad():
         full = model(x)
@@ -56,7 +65,7 @@ def test_streaming_equals_one_call(stack):
 
 @pytest.mark.parametrize("stack", list(STACKS))
 def test_causality_and_batch_independence(stack):
-    model = small_model(STACKS[stack])
+    model = small_model(STACKS[stack], cms=stack in CMS_STACKS)
     x = torch.randint(0, 61, (3, 40))
     y = x.clone()
     y[1, 25] = (y[1, 25] + 1) % 61  # change one token of row 1
@@ -175,3 +184,20 @@ def test_state_save_load_diff_and_config_check(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"not a state")
     with pytest.raises(ValueError, match="bad.safetensors"):
         State.load(tmp_path / "bad.safetensors")
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_tiny_preset_builds_trains_and_streams(name):
+    torch.manual_seed(0)
+    model = HybridLM(HybridConfig.preset(name, "tiny"))
+    assert 5e5 < model.num_params() < 5e6, model.num_params()
+    x = torch.randint(0, 512, (2, 150))  # longer than the slowest CMS period: every parameter gets a gradient
+    loss, state = model.loss(x[:, :-1], x[:, 1:])
+    loss.backward()
+    assert torch.isfinite(loss) and abs(loss.item() - math.log(512)) < 0.5  # near-uniform at init
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad), "unused parameters"
+    with torch.no_grad():
+        a = model(x[:, :77])
+        b = model(x[:, 77:], a.state)
+        full = model(x)
+    torch.testing.assert_close(torch.cat([a.logits, b.logits], 1), full.logits, rtol=1e-4, atol=1e-4)

@@ -18,7 +18,8 @@ Choices (the paper leaves them open):
     [2c+2, c] matrix per head and a chunk of updates is one matmul; it also keeps per-sequence
     state at (3c + 2) c numbers per head and memory copy.
   - Update rule: gradient descent with momentum and decay (Titans eqs. 13-14) at the chunk anchor;
-    the DGD right-multiplication (alpha I - eta k k^T) is not applied.
+    the DGD right-multiplication (alpha I - eta k k^T) is not applied. The decay pulls each memory
+    towards its learned initial state rather than towards zero (see nestlm.ops.hope for why).
   - v is L2-normalised like k and q: the aux memories map v back into their own targets, and unit
     v bounds that feedback (W (I + eta (v - k) k^T) has spectral radius <= 1 for unit k, v).
   - The output goes through a per-head RMSNorm, so the scale of the memory does not leak into the
@@ -57,7 +58,9 @@ class HOPE(nn.Module):
     """Self-modifying Titans mixer. x: [b, t, d_model] -> y: [b, t, d_model].
 
     n_heads x head_dim: memory heads; chunk_size: chunk of the main memory; aux_chunk_size: chunk of
-    the memories producing k, v, eta, alpha; max_lr: bound of the inner step eta.
+    the memories producing k, v, eta, alpha; max_lr: bound of the inner step eta. A chunk sums up to
+    `chunk_size` steps taken at one anchor (mini-batch GD), so with unit keys keep
+    max_lr * chunk_size <= 2 for the inner loop to stay contractive in every direction.
     `impl="ref"` runs the token-loop reference instead of the chunked path (tests).
     """
 
@@ -116,8 +119,8 @@ class HOPE(nn.Module):
         scan = selfmod_scan_ref if self.impl == "ref" else selfmod_scan
         with torch.autocast(x.device.type, enabled=False):
             log_mu = F.logsigmoid(proj[..., 2 * h * c:].to(state["mem_W"].dtype))
-            o, new = scan(xh, q, log_mu, self.b_eta, self.b_alpha, self.max_lr, state, self.chunk_size,
-                          self.aux_chunk_size)
+            o, new = scan(xh, q, log_mu, self.b_eta, self.b_alpha, self.aux_init, self.mem_init, self.max_lr, state,
+                          self.chunk_size, self.aux_chunk_size)
             o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.norm_eps)
         o = o.reshape(b, t, h * c).to(x.dtype) * self.out_norm.to(x.dtype)
         new["conv"] = conv.to(state["conv"].dtype)

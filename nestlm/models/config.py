@@ -101,8 +101,11 @@ class HybridConfig:
     hope_chunk_size: int = 16  # chunk of the memories that produce k, v, lr, decay
     # cms: update periods in tokens, one per level; None = an ordinary MLP level
     cms_periods: list[int | None] = field(default_factory=lambda: [None, 16, 64])
-    cms_lr: float = 0.01
-    # reset policy per stateful component: "episode" resets at episode starts, "persistent" keeps
+    cms_lr: float = 0.01  # maximal normalised inner step of a CMS level, in (0, 1]
+    # SwiGLU width of each CMS level as a multiple of d_model; None = mlp_ratio / number of levels, so a
+    # CMS spends the width of the MLP it replaces, split across its levels
+    cms_hidden_ratio: float | None = None
+    # reset policy {name pattern: "episode" | "persistent"}; patterns and defaults: nestlm.models.state
     reset_policy: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -150,7 +153,16 @@ class HybridConfig:
         for p in self.cms_periods:
             if p is not None and (not isinstance(p, int) or isinstance(p, bool) or p < 1):
                 raise _err("cms_periods", self.cms_periods, "entries that are positive ints or None")
+        if not (isinstance(self.cms_lr, (int, float)) and 0 < self.cms_lr <= 1):
+            raise _err("cms_lr", self.cms_lr, "a number in (0, 1] (normalised inner step of the CMS levels)")
+        if self.cms_hidden_ratio is not None and not (
+                isinstance(self.cms_hidden_ratio, (int, float)) and self.cms_hidden_ratio > 0):
+            raise _err("cms_hidden_ratio", self.cms_hidden_ratio, "a positive number or None")
+        if not isinstance(self.reset_policy, dict):
+            raise _err("reset_policy", self.reset_policy, "a dict {name pattern: 'episode' | 'persistent'}")
         for k, v in self.reset_policy.items():
+            if not isinstance(k, str) or not k:
+                raise _err("reset_policy", {k: v}, "keys that are non-empty name patterns (see nestlm.models.state)")
             if v not in ("episode", "persistent"):
                 raise _err("reset_policy", {k: v}, "values 'episode' or 'persistent'")
 

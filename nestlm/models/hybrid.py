@@ -65,8 +65,9 @@ def build_channel_mixer(cfg: HybridConfig, name: str, out_std: float) -> nn.Modu
     if name == "cms":
         from nestlm.layers.cms import CMS
 
-        return CMS(cfg.d_model, periods=tuple(cfg.cms_periods), hidden=hidden, lr=cfg.cms_lr, norm_eps=cfg.norm_eps,
-                   init_std=cfg.init_std, out_std=out_std)
+        ratio = cfg.cms_hidden_ratio or cfg.mlp_ratio / len(cfg.cms_periods)
+        return CMS(cfg.d_model, periods=tuple(cfg.cms_periods), hidden=swiglu_hidden(cfg.d_model, ratio),
+                   lr=cfg.cms_lr, norm_eps=cfg.norm_eps, init_std=cfg.init_std, out_std=out_std)
     raise ValueError(f"unknown channel mixer {name!r}")
 
 
@@ -126,6 +127,21 @@ class HybridLM(nn.Module, PyTorchModelHubMixin, library_name="nestlm", tags=["ne
         dtype = dtype if dtype is not None else p.dtype
         return State([blk.init_state(batch_size, device, dtype) for blk in self.blocks],
                      {"config_hash": self._config_hash, "tokens_seen": 0})
+
+    def block_kinds(self) -> list[tuple[str, str]]:
+        """(mixer, channel mixer) type of every block: the aliases of reset-policy patterns."""
+        return [(self.config.layers[i], self.config.channel_mixer_of(i)) for i in range(len(self.blocks))]
+
+    def reset_episode(self, state: State, policy: dict[str, str] | None = None) -> State:
+        """Start a new episode: `episode` components of `state` become fresh, `persistent` ones carry on.
+
+        policy defaults to config.reset_policy (see nestlm.models.state for patterns and defaults).
+        """
+        state.check_compatible(self._config_hash, len(self.blocks))
+        tensors = list(state.flat().values())
+        batch = tensors[0].shape[0] if tensors else 1
+        fresh = self.init_state(batch, device=tensors[0].device if tensors else None)
+        return state.reset(fresh, self.block_kinds(), self.config.reset_policy if policy is None else policy)
 
     # --- forward ------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, state: State | None = None) -> LMOutput:

@@ -18,6 +18,15 @@ SIZES: dict[str, dict[str, Any]] = {
 
 N_BLOCKS = {"tiny": 6, "125m": 12}
 
+# Per (preset, size) departures from SIZES / N_BLOCKS. HOPE presets keep the main-memory chunk at 16
+# (max_lr 0.1 x 16 tokens summed at one anchor stays inside the mini-batch GD bound of 2) and the
+# all-HOPE 125m stack uses fewer blocks: a HOPE block (mixer + CMS with its learned views) is larger
+# than an attention + MLP block.
+OVERRIDES: dict[tuple[str, str], dict[str, Any]] = {
+    ("hope", "125m"): dict(mem_chunk_size=16, n_blocks=10),
+    ("hope-hybrid", "125m"): dict(mem_chunk_size=16),
+}
+
 
 def _layers(name: str, n: int) -> tuple[list[str], str | list[str]]:
     """Mixer list and channel mixer(s) of preset `name` with n blocks."""
@@ -51,7 +60,8 @@ def preset_dict(name: str, size: str = "tiny") -> dict[str, Any]:
     if name not in PRESETS:
         raise ValueError(f"HybridConfig.preset name={name!r} is invalid: expected one of {PRESETS}")
     d = dict(SIZES[size])
-    layers, ch = _layers(name, N_BLOCKS[size])
+    d.update(OVERRIDES.get((name, size), {}))
+    layers, ch = _layers(name, d.pop("n_blocks", N_BLOCKS[size]))
     d["layers"] = layers
     if isinstance(ch, list):
         d["channel_mixers"] = ch

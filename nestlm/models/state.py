@@ -13,15 +13,35 @@ dimension. Alongside the tensors a state carries metadata:
 `save` / `load` use safetensors (tensors + JSON metadata in the header); a loaded snapshot
 reproduces behaviour exactly. `diff` reports, per block / part / tensor, the norm of the change, so a
 deployment can audit what its memory learned and roll it back.
+
+Reset policy. At an episode boundary (a new task, a new conversation) a deployment decides, per
+component, whether its state starts over (`episode`) or carries on (`persistent`). A component is
+one block part (`blocks.<i>.<part>`), or, for layers whose state names are dotted
+(`<group>.<name>`, e.g. the CMS levels `level1.W`), one group of it (`blocks.<i>.<part>.<group>`).
+Each component also has a short alias made of its layer type: `<kind>` or `<kind>.<group>`, e.g.
+`hope`, `swa`, `mamba2`, `mlp`, `cms.level2`. A policy is a dict {pattern: "episode" | "persistent"}
+(HybridConfig.reset_policy); patterns are shell-style (fnmatch, `*` also spans dots) and are matched
+against both names; the first matching pattern wins, then DEFAULT_RESET_POLICY:
+
+    "cms.*"  -> persistent   CMS fast levels: the slow timescales that carry what was learned
+    "*"      -> episode      everything else: attention caches, SSM / conv states, Titans and HOPE
+                             memories - the working context of one episode
+
+Examples: {"cms.level1": "episode"} resets the fastest CMS level every episode;
+{"blocks.5.*": "persistent"} keeps block 5 whole; {"hope": "persistent"} keeps every HOPE memory.
+`State.reset(fresh, kinds, policy)` (or `HybridLM.reset_episode(state)`) returns the state with the
+`episode` components replaced by fresh values. Reset applies to the whole batch: the chunked memory
+paths keep every row at the same position.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import fnmatch
 import json
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +52,27 @@ from safetensors.torch import save_file
 
 STATE_FORMAT_VERSION = 1
 PARTS = ("mixer", "channel")
+
+
+RESET_POLICIES = ("episode", "persistent")
+DEFAULT_RESET_POLICY = {"cms.*": "persistent", "*": "episode"}
+
+
+def component_names(i: int, part: str, name: str, kind: str) -> tuple[str, str]:
+    """(full name, alias) of the component holding tensor `name` of block i's `part` (layer type `kind`)."""
+    group = name.split(".", 1)[0] if "." in name else None
+    suffix = f".{group}" if group else ""
+    return f"blocks.{i}.{part}{suffix}", f"{kind}{suffix}"
+
+
+def reset_policy_of(full: str, alias: str, policy: dict[str, str] | None = None) -> str:
+    """`episode` or `persistent` for a component; user patterns first, then DEFAULT_RESET_POLICY."""
+    for pattern, value in [*(policy or {}).items(), *DEFAULT_RESET_POLICY.items()]:
+        if fnmatch.fnmatchcase(full, pattern) or fnmatch.fnmatchcase(alias, pattern):
+            if value not in RESET_POLICIES:
+                raise ValueError(f"reset_policy[{pattern!r}]={value!r} is invalid: expected one of {RESET_POLICIES}")
+            return value
+    return "episode"  # unreachable: "*" matches everything
 
 
 def _now() -> str:
@@ -107,8 +148,54 @@ class State:
             if a[k].shape != b[k].shape:
                 out[k] = float("inf")
                 continue
-            out[k] = float((b[k].double() - a[k].double()).norm())
+            out[k] = float((b[k].detach().double() - a[k].detach().double()).norm())
         return out
+
+    # --- episodes -----------------------------------------------------------------------------
+    def reset_policies(self, kinds: Sequence[tuple[str, str]], policy: dict[str, str] | None = None
+                       ) -> dict[str, str]:
+        """Component full name -> `episode` | `persistent`, for blocks whose (mixer, channel) types are `kinds`."""
+        self._check_kinds(kinds)
+        out = {}
+        for i, blk in enumerate(self.blocks):
+            for part, kind in zip(PARTS, kinds[i]):
+                for name in (blk.get(part) or {}):
+                    full, alias = component_names(i, part, name, kind)
+                    out[full] = reset_policy_of(full, alias, policy)
+        return out
+
+    def reset(self, fresh: State, kinds: Sequence[tuple[str, str]], policy: dict[str, str] | None = None) -> State:
+        """A new state: components whose policy is `episode` take `fresh`'s tensors, the rest are kept.
+
+        fresh: a fresh state of the same model and batch size (HybridLM.init_state). The metadata
+        keeps the lineage (tokens_seen, parent) and records the boundary in `episode_start`.
+        """
+        self._check_kinds(kinds)
+        if len(fresh.blocks) != len(self.blocks):
+            raise ValueError(f"State.reset: fresh state has {len(fresh.blocks)} blocks, this state {len(self.blocks)}")
+        blocks = []
+        for i, blk in enumerate(self.blocks):
+            new_blk = {}
+            for part, kind in zip(PARTS, kinds[i]):
+                cur, new = blk.get(part) or {}, (fresh.blocks[i].get(part) or {})
+                if cur.keys() != new.keys():
+                    raise ValueError(f"State.reset: block {i} {part} holds {sorted(cur)}, the fresh state "
+                                     f"{sorted(new)}; same model expected")
+                out = {}
+                for name, t in cur.items():
+                    full, alias = component_names(i, part, name, kind)
+                    out[name] = new[name] if reset_policy_of(full, alias, policy) == "episode" else t
+                new_blk[part] = out
+            blocks.append(new_blk)
+        meta = dict(self.meta)
+        meta.update(created=_now(), id=None, parent=self.meta["id"] or self.meta["parent"],
+                    episode_start=self.tokens_seen)
+        return State(blocks, meta)
+
+    def _check_kinds(self, kinds: Sequence[tuple[str, str]]) -> None:
+        if len(kinds) != len(self.blocks) or any(len(k) != len(PARTS) for k in kinds):
+            raise ValueError(f"State: kinds must hold one (mixer, channel) pair per block ({len(self.blocks)}), "
+                             f"got {list(kinds)!r}")
 
     # --- persistence --------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> str:

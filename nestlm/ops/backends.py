@@ -14,10 +14,11 @@ Each op asks `choose(op, device)` which implementation to run. The answer is com
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -112,6 +113,26 @@ def reset() -> None:
     """Forget cached choices and logged lines (tests)."""
     _choice.clear()
     _logged.clear()
+
+
+@contextlib.contextmanager
+def serial_cpu(device: torch.device, numel: int, limit: int = 1 << 19) -> Iterator[None]:
+    """Run the block with one intra-op CPU thread when its tensors hold at most `limit` elements.
+
+    Chunked loops issue thousands of cache-sized ops; waking and joining the thread pool for each
+    costs more than it saves, and far more on a loaded machine (a parallel region waits for its
+    slowest thread). Bigger tensors keep the configured threads. Only the calling thread's setting
+    changes, and it is restored on exit.
+    """
+    prev = torch.get_num_threads()
+    if torch.device(device).type != "cpu" or prev == 1 or numel > limit:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
 
 
 def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:

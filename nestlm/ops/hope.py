@@ -13,7 +13,13 @@ l(W; k, target) = 1/2 ||W k - target||^2, at the anchor W_a of the token's chunk
 
     g_t = (W_a k_t - target_t) k_t^T
     S_t = mu_t S_{t-1} - eta_t g_t
-    W_t = (1 - alpha_t) W_{t-1} + S_t
+    W_t = W_0 + (1 - alpha_t) (W_{t-1} - W_0) + S_t
+
+The decay pulls a memory back towards its learned initial state W_0 (the "slow" part, a
+parameter), not towards zero. With self-generated targets the aux update is homogeneous in A, so a
+decay towards zero would drive every aux memory (and with it k, v, eta, alpha) to the fixed point
+A = 0 over a long stream; decaying only the in-context change keeps the meta-learned projections
+as the resting point (the role the residual connection of the paper's MLP memories plays).
 
 Targets are self-generated for the aux memories (each memory's own value of v: target = A_a v_t, so
 each of M_k, M_v, M_eta, M_alpha is pulled towards mapping k_t where it maps v_t; Nested Learning
@@ -26,11 +32,11 @@ at its start ("the last state of the previous chunk": the causal reading of NL e
 both reads and takes its gradient at that anchor - no token sees its own chunk's writes.
 
 Chunked path. Inside a chunk the gradients depend only on the anchor, so the momentum and decay
-recurrences are linear and the chunk-end (or segment-end) memory has a closed form. With log-space
-cumulative sums from the segment start, La_t = sum_{j<=t} log(1 - alpha_j), Lm_t = sum_{j<=t} log mu_j:
+recurrences are linear and the segment-end memory has a closed form. With log-space cumulative sums
+from the segment start, La_t = sum_{j<=t} log(1 - alpha_j), Lm_t = sum_{j<=t} log mu_j, and D = W - W_0:
 
-    S_n = exp(Lm_n) S_0 - sum_i eta_i exp(Lm_n - Lm_i) g_i
-    W_n = exp(La_n) W_0 + [sum_t exp(La_n - La_t + Lm_t)] S_0
+    S_n = exp(Lm_n) S_s - sum_i eta_i exp(Lm_n - Lm_i) g_i
+    D_n = exp(La_n) D_s + [sum_t exp(La_n - La_t + Lm_t)] S_s
           - sum_i eta_i [sum_{t>=i} exp(La_n - La_t + Lm_t - Lm_i)] g_i
 
 Every exponent is a sum of logs of factors in (0, 1), hence <= 0: no overflow for long chunks. Each
@@ -65,11 +71,12 @@ def _aux_outputs(z: Tensor, c: int, max_lr: float, b_eta: Tensor, b_alpha: Tenso
     return k, v, eta, log_keep
 
 
-def _segment_update(W: Tensor, S: Tensor, E: Tensor, K: Tensor, eta: Tensor, log_keep: Tensor, log_mu: Tensor
-                    ) -> tuple[Tensor, Tensor]:
+def _segment_update(W: Tensor, S: Tensor, W0: Tensor, E: Tensor, K: Tensor, eta: Tensor, log_keep: Tensor,
+                    log_mu: Tensor) -> tuple[Tensor, Tensor]:
     """Apply a segment's updates in closed form.
 
-    W, S: [b, h, r, c]; E (errors at the anchor): [b, s, h, r]; K: [b, s, h, c];
+    W, S: [b, h, r, c]; W0: [h, r, c] resting point of the decay; E (errors at the anchor): [b, s, h, r];
+    K: [b, s, h, c];
     eta, log_keep, log_mu: [b, s, h]. Returns (W, S) after the segment.
     """
     La, Lm = log_keep.cumsum(1), log_mu.cumsum(1)  # [b, s, h]
@@ -86,7 +93,7 @@ def _segment_update(W: Tensor, S: Tensor, E: Tensor, K: Tensor, eta: Tensor, log
     gS = torch.einsum("bshr,bshc->bhrc", E * w_S[..., None], K)
     cW0 = torch.exp(La_n[:, 0])[..., None, None]  # [b, h, 1, 1]
     cS0 = torch.exp(X).sum(1)[..., None, None]
-    W_new = cW0 * W + cS0 * S - gW
+    W_new = W0 + cW0 * (W - W0) + cS0 * S - gW
     S_new = torch.exp(Lm_n[:, 0])[..., None, None] * S - gS
     return W_new, S_new
 
@@ -119,12 +126,14 @@ def _segments(p0: int, t: int, C: int):
         a, r = e, 0
 
 
-def selfmod_scan(xh: Tensor, q: Tensor, log_mu: Tensor, b_eta: Tensor, b_alpha: Tensor, max_lr: float,
-                 state: dict, chunk_size: int, aux_chunk_size: int) -> tuple[Tensor, dict]:
+def selfmod_scan(xh: Tensor, q: Tensor, log_mu: Tensor, b_eta: Tensor, b_alpha: Tensor, aux_init: Tensor,
+                 mem_init: Tensor, max_lr: float, state: dict, chunk_size: int, aux_chunk_size: int
+                 ) -> tuple[Tensor, dict]:
     """Chunked self-modifying Titans.
 
     xh: [b, t, h, c] memory inputs; q: [b, t, h, c] queries (normalised by the caller);
     log_mu: [b, t, h] log momentum; b_eta, b_alpha: [h] static biases of the step size / decay;
+    aux_init [h, 2c+2, c], mem_init [h, c, c]: learned initial memories (resting points of the decay);
     state: dict with STATE_KEYS (see module docstring; all rows at the same position).
     Returns (o [b, t, h, c], new state).
     """
@@ -135,7 +144,8 @@ def selfmod_scan(xh: Tensor, q: Tensor, log_mu: Tensor, b_eta: Tensor, b_alpha: 
     if b and not bool((pos == p0).all()):
         raise ValueError("selfmod_scan: state['pos'] must be equal across the batch")
     dt = state["mem_W"].dtype
-    xh, q, log_mu, b_eta, b_alpha = (x.to(dt) for x in (xh, q, log_mu, b_eta, b_alpha))
+    xh, q, log_mu, b_eta, b_alpha, aux_init, mem_init = (
+        x.to(dt) for x in (xh, q, log_mu, b_eta, b_alpha, aux_init, mem_init))
     W, A, S = state["aux_W"], state["aux_A"], state["aux_S"]
     ks, vs, etas, lks = [], [], [], []
     for a, e, fresh in _segments(p0, t, aux_chunk_size):
@@ -144,7 +154,7 @@ def selfmod_scan(xh: Tensor, q: Tensor, log_mu: Tensor, b_eta: Tensor, b_alpha: 
         z = torch.einsum("bshc,bhrc->bshr", xh[:, a:e], A)
         k, v, eta, lk = _aux_outputs(z, c, max_lr, b_eta, b_alpha)
         E = torch.einsum("bshc,bhrc->bshr", k - v, A)  # A k - A v: error against the self-generated target
-        W, S = _segment_update(W, S, E, k, eta, lk, log_mu[:, a:e])
+        W, S = _segment_update(W, S, aux_init, E, k, eta, lk, log_mu[:, a:e])
         ks.append(k), vs.append(v), etas.append(eta), lks.append(lk)
     new = {"aux_W": W, "aux_A": A, "aux_S": S}
     if t:
@@ -156,18 +166,21 @@ def selfmod_scan(xh: Tensor, q: Tensor, log_mu: Tensor, b_eta: Tensor, b_alpha: 
             A = W
         outs.append(torch.einsum("bshc,bhrc->bshr", q[:, a:e], A))
         E = torch.einsum("bshc,bhrc->bshr", k[:, a:e], A) - v[:, a:e]
-        W, S = _segment_update(W, S, E, k[:, a:e], eta[:, a:e], lk[:, a:e], log_mu[:, a:e])
+        W, S = _segment_update(W, S, mem_init, E, k[:, a:e], eta[:, a:e], lk[:, a:e], log_mu[:, a:e])
     new.update(mem_W=W, mem_A=A, mem_S=S, pos=pos + t)
     o = torch.cat(outs, 1) if outs else q.new_zeros(b, 0, *q.shape[2:])
     return o, new
 
 
-def selfmod_scan_ref(xh: Tensor, q: Tensor, log_mu: Tensor, b_eta: Tensor, b_alpha: Tensor, max_lr: float,
-                     state: dict, chunk_size: int, aux_chunk_size: int) -> tuple[Tensor, dict]:
+def selfmod_scan_ref(xh: Tensor, q: Tensor, log_mu: Tensor, b_eta: Tensor, b_alpha: Tensor, aux_init: Tensor,
+                     mem_init: Tensor, max_lr: float, state: dict, chunk_size: int, aux_chunk_size: int
+                     ) -> tuple[Tensor, dict]:
     """Token-loop reference of `selfmod_scan` (same arguments and results; rows may be at any position)."""
     c = _check(xh, q, log_mu, state, chunk_size, aux_chunk_size)
     dt = state["mem_W"].dtype
-    xh, q, log_mu, b_eta, b_alpha = (x.to(dt) for x in (xh, q, log_mu, b_eta, b_alpha))
+    xh, q, log_mu, b_eta, b_alpha, aux_init, mem_init = (
+        x.to(dt) for x in (xh, q, log_mu, b_eta, b_alpha, aux_init, mem_init))
+    init = {"aux": aux_init, "mem": mem_init}
     st = dict(state)
     outs = []
     for i in range(xh.shape[1]):
@@ -186,7 +199,7 @@ def selfmod_scan_ref(xh: Tensor, q: Tensor, log_mu: Tensor, b_eta: Tensor, b_alp
             err = torch.einsum("bhc,bhrc->bhr", k, A) - targets[name]
             g = err[..., :, None] * k[..., None, :]
             st[f"{name}_S"] = mu * st[f"{name}_S"] - eta * g
-            st[f"{name}_W"] = keep * st[f"{name}_W"] + st[f"{name}_S"]
+            st[f"{name}_W"] = init[name] + keep * (st[f"{name}_W"] - init[name]) + st[f"{name}_S"]
         st["pos"] = pos + 1
     o = torch.stack(outs, 1) if outs else q.new_zeros(q.shape)
     return o, st

@@ -17,6 +17,12 @@ step with no autograd graph. Only the state at each chunk start is kept; the bac
 recomputes a chunk's states from it and runs the adjoint recurrence g_t = C_t gy_t + a_{t+1} g_{t+1}
 in reverse, so memory is O(b d n (l / chunk + chunk)) instead of O(b d n l). Decays are exp of
 delta * A (never of a positive sum when A <= 0), in fp32 (fp64 for fp64 inputs).
+
+Why not a closed form inside the chunk, as in SSD: Mamba-1's decay differs per (channel, state)
+pair, so there is no shared [chunk, chunk] decay matrix to fold into a matmul. The factored form
+exp(cs_t) * cumsum(exp(-cs_s) x_s) overflows once a chunk's log decay passes ~-88 (fp32), which
+strong channels reach within a few tokens; the stable pairwise form exp(cs_t - cs_s) costs chunk
+times the work of the scan. The fused step does one pass over the state per token.
 """
 
 from __future__ import annotations
@@ -25,8 +31,6 @@ import torch
 import torch.nn.functional as F
 
 from nestlm.ops import backends
-
-DEFAULT_CHUNK = 64
 
 
 def _check(u, delta, A, B, C, D, z, delta_bias, initial_state) -> tuple[int, ...]:
@@ -94,9 +98,9 @@ def _finish(y, u, D, z, out_dtype):
     return y.to(out_dtype)
 
 
-def _time_major(t: torch.Tensor, t0: int, t1: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """Slice [..., t0:t1] of a [b, ..., l] tensor and move time first: [t1 - t0, *shape]."""
-    return t[..., t0:t1].movedim(-1, 0).reshape(t1 - t0, *shape)
+def _auto_chunk(b: int, d: int, n: int) -> int:
+    """Tokens per chunk: keep a chunk's [chunk, b, d, n] tensors cache-sized (~256k elements)."""
+    return max(1, min(64, (1 << 18) // max(1, b * d * n)))
 
 
 class _ChunkedScan(torch.autograd.Function):
@@ -104,6 +108,10 @@ class _ChunkedScan(torch.autograd.Function):
 
     u, delta: [b, d, l]; A: [d, n]; B, C: [b, g, n, l]; h0: [b, d, n]; all one float dtype.
     Returns y [b, d, l] and the last state [b, d, n].
+
+    Inside, tensors are time-major and the state is laid out [b, g, n, d/g] so that the channel
+    dimension is innermost and contiguous: every elementwise op then runs over long contiguous rows
+    and B, C, delta broadcast along outer dimensions only.
     """
 
     @staticmethod
@@ -111,102 +119,101 @@ class _ChunkedScan(torch.autograd.Function):
         b, d, length = u.shape
         g, n = B.shape[1], B.shape[2]
         dg = d // g
-        Ag = A.reshape(g, dg, n)
-        y = u.new_empty(b, d, length)
-        c = max(1, min(chunk, length))
-        decay = u.new_empty(c, b, g, dg, n)  # reused buffers: [time, b, g, d/g, n]
-        hs = u.new_empty(c, b, g, dg, n)
+        c = max(1, min(chunk or _auto_chunk(b, d, n), length))
+        At = A.reshape(g, dg, n).transpose(1, 2).contiguous()  # [g, n, dg]
+        dl = delta.permute(2, 0, 1).reshape(length, b, g, 1, dg).contiguous()  # [l, b, g, 1, dg]
+        du = dl * u.permute(2, 0, 1).reshape(length, b, g, 1, dg)
+        Bt = B.permute(3, 0, 1, 2).unsqueeze(-1).contiguous()  # [l, b, g, n, 1]
+        Ct = C.permute(3, 0, 1, 2).unsqueeze(-2).contiguous()  # [l, b, g, 1, n]
+        y = u.new_empty(length, b, g, 1, dg)
+        decay = u.new_empty(c, b, g, n, dg)  # buffers reused by every chunk
+        hs = u.new_empty(c, b, g, n, dg)
+        h = h0.reshape(b, g, dg, n).transpose(-1, -2).contiguous()  # [b, g, n, dg]
         starts = []
-        h = h0.reshape(b, g, dg, n)
-        for t0 in range(0, length, c):
-            t1 = min(t0 + c, length)
-            starts.append(h)
-            # clone: the buffers are overwritten by the next chunk
-            h = _chunk_states(u, delta, Ag, B, t0, t1, h, decay, hs).clone()
-            Ct = _time_major(C, t0, t1, (b, g, n))
-            yc = (hs[: t1 - t0] @ Ct[..., None]).squeeze(-1)  # [c, b, g, dg]
-            y[:, :, t0:t1] = yc.reshape(t1 - t0, b, d).movedim(0, -1)
-        last = h.reshape(b, d, n).clone()  # never alias a saved chunk start
-        ctx.save_for_backward(u, delta, A, B, C, *starts)
+        with backends.serial_cpu(u.device, decay.numel()):
+            for t0 in range(0, length, c):
+                t1 = min(t0 + c, length)
+                starts.append(h)
+                # clone: the buffers are overwritten by the next chunk
+                h = _chunk_states(dl[t0:t1], du[t0:t1], At, Bt[t0:t1], h, decay, hs).clone()
+                torch.matmul(Ct[t0:t1], hs[: t1 - t0], out=y[t0:t1])
+        ctx.save_for_backward(u, dl, du, At, Bt, Ct, *starts)
         ctx.chunk = c
-        return y, last
+        last = h.transpose(-1, -2).reshape(b, d, n)
+        return y.reshape(length, b, d).permute(1, 2, 0), last
 
     @staticmethod
     def backward(ctx, gy, glast):
-        u, delta, A, B, C, *starts = ctx.saved_tensors
+        u, dl, du, At, Bt, Ct, *starts = ctx.saved_tensors
         c = ctx.chunk
         b, d, length = u.shape
-        g, n = B.shape[1], B.shape[2]
-        dg = d // g
-        Ag = A.reshape(g, dg, n)
+        g, n, dg = At.shape
+        ut = u.permute(2, 0, 1).reshape(length, b, g, 1, dg).contiguous()
         if gy is None:
             gy = u.new_zeros(b, d, length)
-        carry = u.new_zeros(b, g, dg, n) if glast is None else glast.reshape(b, g, dg, n).to(u.dtype)
-        gu, gdelta = torch.empty_like(u), torch.empty_like(delta)
-        gB, gC = torch.empty_like(B), torch.empty_like(C)
-        gA = torch.zeros(g, dg, n, dtype=u.dtype, device=u.device)
-        decay = u.new_empty(c, b, g, dg, n)
-        hs = u.new_empty(c, b, g, dg, n)
-        gh = u.new_empty(c, b, g, dg, n)
-        nchunks = len(starts)
-        for k in reversed(range(nchunks)):
-            t0 = k * c
-            t1 = min(t0 + c, length)
-            cl = t1 - t0
-            _chunk_states(u, delta, Ag, B, t0, t1, starts[k], decay, hs)
-            a, h, G = decay[:cl], hs[:cl], gh[:cl]
-            dl = _time_major(delta, t0, t1, (b, g, dg))
-            ul = _time_major(u, t0, t1, (b, g, dg))
-            Bt = _time_major(B, t0, t1, (b, g, n))
-            Ct = _time_major(C, t0, t1, (b, g, n))
-            gyt = _time_major(gy, t0, t1, (b, g, dg))
-            # adjoint recurrence: G_t = dL/dh_t = C_t gy_t + a_{t+1} G_{t+1}
-            torch.mul(gyt[..., None], Ct[:, :, :, None, :], out=G)
-            G[cl - 1] += carry
-            for t in range(cl - 2, -1, -1):
-                G[t].addcmul_(a[t + 1], G[t + 1])
-            carry = a[0] * G[0]
-            # dL/d(log decay_t) = G_t * a_t * h_{t-1}
-            glog = G * a
-            glog[1:] *= h[:-1]
-            glog[0] *= starts[k].reshape(b, g, dg, n)
-            GB = (G @ Bt[..., None]).squeeze(-1)  # [cl, b, g, dg]
-            gdl = (glog * Ag).sum(-1) + GB * ul
-            gul = GB * dl
-            gA += (glog * dl[..., None]).sum((0, 1))
-            gBt = ((dl * ul)[..., None, :] @ G).squeeze(-2)  # [cl, b, g, n]
-            gCt = (gyt[..., None, :] @ h).squeeze(-2)
-            gu[:, :, t0:t1] = gul.reshape(cl, b, d).movedim(0, -1)
-            gdelta[:, :, t0:t1] = gdl.reshape(cl, b, d).movedim(0, -1)
-            gB[..., t0:t1] = gBt.movedim(0, -1)
-            gC[..., t0:t1] = gCt.movedim(0, -1)
-        gh0 = carry.reshape(b, d, n)
-        return gu, gdelta, gA.reshape(d, n), gB, gC, gh0, None
+        gyt = gy.permute(2, 0, 1).reshape(length, b, g, 1, dg).contiguous()
+        carry = u.new_zeros(b, g, n, dg)
+        if glast is not None:
+            carry = glast.reshape(b, g, dg, n).transpose(-1, -2).to(u.dtype).contiguous()
+        gu, gdl = torch.empty_like(dl), torch.empty_like(dl)  # [l, b, g, 1, dg]
+        gB, gC = torch.empty_like(Bt), torch.empty(length, b, g, n, 1, dtype=u.dtype, device=u.device)
+        gA = torch.zeros(g, n, dg, dtype=u.dtype, device=u.device)
+        decay, hs, gh, tmp = (u.new_empty(c, b, g, n, dg) for _ in range(4))
+        with backends.serial_cpu(u.device, decay.numel()):
+            for k in reversed(range(len(starts))):
+                t0 = k * c
+                t1 = min(t0 + c, length)
+                cl = t1 - t0
+                _chunk_states(dl[t0:t1], du[t0:t1], At, Bt[t0:t1], starts[k], decay, hs)
+                a, h, G, w = decay[:cl], hs[:cl], gh[:cl], tmp[:cl]
+                # adjoint recurrence: G_t = dL/dh_t = C_t gy_t + a_{t+1} G_{t+1}
+                torch.mul(gyt[t0:t1], Ct[t0:t1].transpose(-1, -2), out=G)
+                G[cl - 1] += carry
+                Gs, As = G.unbind(0), a.unbind(0)
+                for t in range(cl - 2, -1, -1):
+                    Gs[t].addcmul_(As[t + 1], Gs[t + 1])
+                carry = As[0] * Gs[0]
+                # w = dL/d(log decay_t) = G_t * a_t * h_{t-1}
+                torch.mul(G, a, out=w)
+                w[1:] *= h[:-1]
+                w[0] *= starts[k]
+                GB = torch.matmul(Bt[t0:t1].transpose(-1, -2), G)  # [cl, b, g, 1, dg]
+                torch.mul(GB, dl[t0:t1], out=gu[t0:t1])
+                torch.mul(GB, ut[t0:t1], out=gdl[t0:t1])
+                torch.matmul(G, du[t0:t1].transpose(-1, -2), out=gB[t0:t1])
+                torch.matmul(h, gyt[t0:t1].transpose(-1, -2), out=gC[t0:t1])
+                gdl[t0:t1] += (w * At).sum(-2, keepdim=True)
+                w *= dl[t0:t1]
+                gA += w.sum((0, 1))
+        gu = gu.reshape(length, b, d).permute(1, 2, 0)
+        gdelta = gdl.reshape(length, b, d).permute(1, 2, 0)
+        gB = gB.squeeze(-1).permute(1, 2, 3, 0)
+        gC = gC.squeeze(-1).permute(1, 2, 3, 0)
+        gh0 = carry.transpose(-1, -2).reshape(b, d, n)
+        return gu, gdelta, gA.transpose(1, 2).reshape(d, n), gB, gC, gh0, None
 
 
-def _chunk_states(u, delta, Ag, B, t0, t1, h, decay, hs):
-    """Fill decay[:cl] = exp(delta A) and hs[:cl] = states h_t for t in [t0, t1) from h = h_{t0-1}.
+def _chunk_states(dl, du, At, Bt, h, decay, hs):
+    """Fill decay[:cl] = exp(delta A) and hs[:cl] = states h_t of one chunk, from h = h_{t0-1}.
 
-    u, delta: [b, d, l]; Ag: [g, d/g, n]; B: [b, g, n, l]; h: [b, g, d/g, n]. Returns h_{t1-1}.
+    dl, du: [cl, b, g, 1, dg] (delta, delta * u); At: [g, n, dg]; Bt: [cl, b, g, n, 1];
+    h: [b, g, n, dg]. Returns a view of h_{t1-1}.
     """
-    cl = t1 - t0
-    b, g, n = B.shape[0], B.shape[1], B.shape[2]
-    dg = Ag.shape[1]
-    dl = _time_major(delta, t0, t1, (b, g, dg))
-    du = dl * _time_major(u, t0, t1, (b, g, dg))
+    cl = dl.shape[0]
     a, x = decay[:cl], hs[:cl]
-    torch.mul(dl[..., None], Ag, out=a)
+    torch.mul(dl, At, out=a)
     a.exp_()
-    torch.mul(du[..., None], _time_major(B, t0, t1, (b, g, n))[:, :, :, None, :], out=x)
+    torch.mul(du, Bt, out=x)
     # the recurrence, in place: x_t <- x_t + a_t * h_{t-1}
-    x[0].addcmul_(a[0], h)
+    xs, as_ = x.unbind(0), a.unbind(0)
+    xs[0].addcmul_(as_[0], h)
     for t in range(1, cl):
-        x[t].addcmul_(a[t], x[t - 1])
-    return x[cl - 1]
+        xs[t].addcmul_(as_[t], xs[t - 1])
+    return xs[cl - 1]
 
 
 def _selective_scan_torch(
-    u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state, chunk=DEFAULT_CHUNK
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state, chunk=None
 ):
     b, d, length, n = _check(u, delta, A, B, C, D, z, delta_bias, initial_state)
     cd = backends.compute_dtype(u, delta, A, B, C, initial_state)

@@ -11,7 +11,7 @@ B and C are shared by the heads of a group: head i reads group i // (nheads // n
 
 The chunked algorithm splits time into chunks of `chunk_size`:
   1. inside a chunk, outputs are a masked "attention" (C B^T) * L with L[t, s] = exp(sum_{s<r<=t} dt_r A)
-     built from segment sums of log decays (exp of non-positive numbers only);
+     built from within-chunk cumulative log decays (exp of non-positive numbers only);
   2. each chunk's own contribution to the state at its end, in one matmul;
   3. a short loop over chunks carries the state (decay of a whole chunk = exp of its log-decay sum);
   4. the carried-in state's contribution to every position of the chunk, in one matmul.
@@ -77,18 +77,17 @@ def _finish(y, x, D, z, out_dtype):
     return y.to(out_dtype)
 
 
-def _segsum(a: torch.Tensor) -> torch.Tensor:
-    """a: [..., c] log decays -> [..., c, c] with out[t, s] = sum_{s<r<=t} a_r for s <= t, else -inf.
+def _decay_matrix(a_cs: torch.Tensor) -> torch.Tensor:
+    """a_cs: [..., c] within-chunk cumulative log decays -> [..., c, c] with
+    out[t, s] = exp(a_cs[t] - a_cs[s]) = exp(sum_{s<r<=t} a_r) for s <= t, else 0.
 
-    Built by a masked cumulative sum over r (not as a difference of prefix sums), so every entry is
-    an exact segment sum without cancellation.
+    The upper triangle is set to -inf before exp (never exp of a positive number, and a zero
+    gradient there); within one chunk the difference of prefix sums loses at most a few ulps of
+    the chunk's total log decay.
     """
-    c = a.shape[-1]
-    r_after_s = torch.ones(c, c, dtype=torch.bool, device=a.device).tril(-1)  # [r, s]: r > s
-    contrib = torch.where(r_after_s, a[..., :, None], 0.0)  # [..., r, s] = a_r if r > s
-    seg = contrib.cumsum(-2)  # [..., t, s] = sum_{s < r <= t} a_r
-    causal = torch.ones(c, c, dtype=torch.bool, device=a.device).tril(0)
-    return seg.masked_fill(~causal, float("-inf"))
+    c = a_cs.shape[-1]
+    causal = torch.ones(c, c, dtype=torch.bool, device=a_cs.device).tril()
+    return torch.exp((a_cs[..., :, None] - a_cs[..., None, :]).masked_fill(~causal, float("-inf")))
 
 
 def _ssd_torch(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_softplus, return_final_states):
@@ -111,7 +110,7 @@ def _ssd_torch(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_sof
 
     # 1. intra-chunk: y_t = sum_{s<=t} (C_t . B_s) exp(segsum[t, s]) dt_s x_s
     scores = Cc @ Bc.transpose(-1, -2)  # [b, g, k, c, c]
-    Lmat = torch.exp(_segsum(a))  # [b, g, r, k, c, c]
+    Lmat = _decay_matrix(a_cs)  # [b, g, r, k, c, c]
     y = (scores[:, :, None] * Lmat) @ Xc  # [b, g, r, k, c, p]
 
     # 2. state each chunk adds at its own end (zero initial state)
@@ -209,12 +208,13 @@ def ssd_scan_ref(
     dt_ = _prepare_dt(dt, dt_bias, dt_softplus, cd)
     S = x.new_zeros(b, h, p, n, dtype=cd) if initial_states is None else initial_states.to(cd)
     ys = []
-    for t in range(length):
-        Bt = B[:, t].to(cd).repeat_interleave(heads_per_group, dim=1)  # [b, h, n]
-        Ct = C[:, t].to(cd).repeat_interleave(heads_per_group, dim=1)
-        decay = torch.exp(dt_[:, t] * A.to(cd))  # [b, h]
-        S = decay[:, :, None, None] * S + (dt_[:, t, :, None] * x[:, t].to(cd))[..., None] * Bt[:, :, None, :]
-        ys.append((S * Ct[:, :, None, :]).sum(-1))  # [b, h, p]
+    steps = zip(x.to(cd).unbind(1), dt_.unbind(1), B.to(cd).unbind(1), C.to(cd).unbind(1))
+    for x_t, dt_t, B_t, C_t in steps:
+        B_t = B_t.repeat_interleave(heads_per_group, dim=1)  # [b, h, n]
+        C_t = C_t.repeat_interleave(heads_per_group, dim=1)
+        decay = torch.exp(dt_t * A.to(cd))  # [b, h]
+        S = decay[:, :, None, None] * S + (dt_t[:, :, None] * x_t)[..., None] * B_t[:, :, None, :]
+        ys.append((S * C_t[:, :, None, :]).sum(-1))  # [b, h, p]
     y = torch.stack(ys, dim=1) if ys else x.new_zeros(b, 0, h, p, dtype=cd)
     out = _finish(y, x, D, z, x.dtype)
     if not return_final_states:
