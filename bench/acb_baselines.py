@@ -1,15 +1,15 @@
 """ACB CPU baselines: train five tiny presets with one recipe, evaluate each at H = 20 ... 20,000.
 
 Recipe (identical for every preset): the `nestlm fit` embedded default (synthetic `train`
-trajectories of 20-200 steps, 256-token windows, batch 8, AdamW lr 3e-3, weight decay 0.1, warmup 30
-then cosine, seed 1234) with `--trainer.max_steps STEPS`, no logger. Then `nestlm eval` on the last
-checkpoint: held-out episodes at the short horizons for every env, and at the long horizons for the
-envs in --long-envs (a 20,000-step episode is 150-200k tokens: on a shared 2-core CPU it is the
-budget). Results are written per preset as they finish (resumable: finished presets are skipped) and
-docs/results/acb-cpu.md is regenerated from them.
+trajectories of 20-200 steps, 256-token windows, batch 8, AdamW lr 3e-3, weight decay 0.1, warmup
+then cosine, seed 1234) with `--trainer.max_steps STEPS --model.warmup_steps WARMUP`, no logger.
+Then `nestlm eval` on the last checkpoint: held-out episodes at the short horizons for every env,
+and at the long horizons for the envs in --long-envs (a 20,000-step episode is 150-200k tokens:
+on a shared 2-core CPU it is the budget). Results are written per preset as they finish (finished
+presets are skipped on a rerun) and docs/results/acb-cpu.md is regenerated from them.
 
     python bench/acb_baselines.py [--presets transformer,swa-transformer,mamba2,samba,hope-hybrid]
-        [--steps 60] [--episodes 8,4,1] [--long-horizons 20000] [--long-envs shell] [--long-episodes 1]
+        [--steps 8] [--warmup 2] [--episodes 2,1,1] [--long-horizons 20000] [--long-envs shell] [--long-episodes 1]
         [--jobs 1] [--threads 2]
 """
 
@@ -33,13 +33,14 @@ sys.path.insert(0, str(ROOT))  # run as a script from a checkout
 PRESETS = "transformer,swa-transformer,mamba2,samba,hope-hybrid"
 
 
-def run(cmd: list[str], log: Path) -> float:
+def run(cmd: list[str], log: Path, threads: int) -> float:
     t0 = time.perf_counter()
     with open(log, "a") as f:
         f.write(f"$ {shlex.join(cmd)}\n")
         f.flush()
         res = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
-                             env={**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled"})
+                             env={**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled",
+                                  "OMP_NUM_THREADS": str(threads)})
     if res.returncode != 0:
         raise RuntimeError(f"command failed ({res.returncode}), see {log}: {shlex.join(cmd)}")
     return time.perf_counter() - t0
@@ -55,6 +56,7 @@ def one_preset(preset: str, a: argparse.Namespace) -> dict:
     log.parent.mkdir(parents=True, exist_ok=True)
     py = [sys.executable, "-m", "nestlm"]
     train_cmd = py + ["fit", "--model.preset", preset, "--model.size", "tiny", "--trainer.max_steps", str(a.steps),
+                      "--model.warmup_steps", str(a.warmup),
                       "--trainer.default_root_dir", str(run_dir), "--trainer.logger", "false",
                       "--trainer.val_check_interval", str(a.steps), "--trainer.enable_progress_bar", "false",
                       "--seed_everything", "1234"]
@@ -62,11 +64,11 @@ def one_preset(preset: str, a: argparse.Namespace) -> dict:
     t_train = 0.0
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     if not ckpt.exists() or a.force:
-        t_train = run(train_cmd, log)
+        t_train = run(train_cmd, log, a.threads)
     short = res_dir / f"{preset}.short.json"
     eval_short = py + ["eval", "--ckpt", str(ckpt), "--envs", a.envs, "--horizons", a.horizons, "--episodes",
                        a.episodes, "--seed", str(a.seed), "--out", str(short), "--force", "--no-progress"] + env_threads
-    t_short = run(eval_short, log)
+    t_short = run(eval_short, log, a.threads)
     reports = [json.loads(short.read_text())]
     cmds = [train_cmd, eval_short]
     t_long = 0.0
@@ -75,7 +77,7 @@ def one_preset(preset: str, a: argparse.Namespace) -> dict:
         eval_long = py + ["eval", "--ckpt", str(ckpt), "--envs", a.long_envs, "--horizons", a.long_horizons,
                           "--episodes", str(a.long_episodes), "--seed", str(a.seed), "--out", str(long), "--force",
                           "--no-progress"] + env_threads
-        t_long = run(eval_long, log)
+        t_long = run(eval_long, log, a.threads)
         reports.append(json.loads(long.read_text()))
         cmds.append(eval_long)
     losses = [json.loads(line) for line in (run_dir / "losses.jsonl").read_text().splitlines() if line.strip()]
@@ -109,7 +111,8 @@ def write_markdown(results: list[dict], a: argparse.Namespace, path: Path) -> No
              "[../benchmark.md](../benchmark.md#expected-outcome-of-the-cpu-baselines-written-before-running-them).",
              "",
              f"Recipe, identical for every preset: `nestlm fit` default (synthetic train trajectories of 20-200 steps, "
-             f"256-token windows, batch 8, AdamW lr 3e-3, warmup 30 + cosine, seed 1234), {a.steps} optimizer steps "
+             f"256-token windows, batch 8, AdamW lr 3e-3, warmup {a.warmup} + cosine, seed 1234), "
+             f"{a.steps} optimizer steps "
              f"(= {a.steps * 8 * 256:,} training tokens). Evaluation: held-out `test` episodes, seed {a.seed}; "
              f"episodes per horizon {a.episodes} at H = {a.horizons} (envs {a.envs})"
              + (f", {a.long_episodes} at H = {a.long_horizons} ({a.long_envs} only: a 20,000-step episode is "
@@ -159,7 +162,7 @@ def write_markdown(results: list[dict], a: argparse.Namespace, path: Path) -> No
             for k, (c, n) in sorted(pooled.items()):
                 lines.append(f"| {r['preset']} | {e} | {k} | {c / n:.3f} | {n} |")
     lines += ["", "## Reproduce", "", "```bash",
-              f"python bench/acb_baselines.py --presets {a.presets} --steps {a.steps} "
+              f"python bench/acb_baselines.py --presets {a.presets} --steps {a.steps} --warmup {a.warmup} "
               f"--episodes {a.episodes} --horizons {a.horizons}"
               + (f" --long-horizons {a.long_horizons} --long-envs {a.long_envs} --long-episodes {a.long_episodes}"
                  if a.long_horizons else "") + "", "```", "", "Per preset, that runs:", ""]
@@ -172,16 +175,17 @@ def write_markdown(results: list[dict], a: argparse.Namespace, path: Path) -> No
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--presets", default=PRESETS)
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--envs", default="ledger,shell,courier")
     p.add_argument("--horizons", default="20,200,2000")
-    p.add_argument("--episodes", default="8,4,1")
+    p.add_argument("--episodes", default="2,1,1")
     p.add_argument("--long-horizons", default="20000")
     p.add_argument("--long-envs", default="shell")
     p.add_argument("--long-episodes", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=1, help="presets run at the same time")
-    p.add_argument("--threads", type=int, default=2, help="torch threads of each eval")
+    p.add_argument("--threads", type=int, default=2, help="torch / OpenMP threads of each training and eval process")
     # paths are relative to the repository root (the commands run there)
     p.add_argument("--runs", default="runs/acb-baselines")
     p.add_argument("--results", default="bench/results/acb_baselines")

@@ -1,6 +1,11 @@
-// Torch binding of the fused linear-memory scan. Needs only torch's C++ headers (no CUDA headers):
-// the caller passes the current CUDA stream as an integer, the kernels live in the .cu files.
-#include <torch/extension.h>
+// Torch binding of the fused linear-memory scan, registered as torch.ops.nestlm_csrc.*.
+// Needs only ATen / dispatcher headers (no CUDA, no Python headers): the caller passes the current
+// CUDA stream as an integer, and the kernels live in the .cu files.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros_like.h>
+#include <torch/library.h>
 
 #include <limits>
 #include <string>
@@ -179,9 +184,14 @@ std::vector<at::Tensor> memory_scan_bwd(const at::Tensor& q, const at::Tensor& k
 
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "Fused CUDA kernels for nestlm's linear neural-memory scan";
-  m.def("memory_scan_fwd", &memory_scan_fwd, "linear memory scan forward (CUDA)");
-  m.def("memory_scan_bwd", &memory_scan_bwd, "linear memory scan backward (CUDA)");
-  m.def("set_poison", &set_poison, "fill every output with NaN before the kernels write it (tests)");
+TORCH_LIBRARY(nestlm_csrc, m) {
+  m.def("memory_scan_fwd(Tensor q, Tensor k, Tensor v, Tensor lr, Tensor momentum, Tensor decay, Tensor W, "
+        "Tensor S, Tensor A, int chunk_size, int offset, bool save_states, bool y_fp32, int stream) -> Tensor[]",
+        &memory_scan_fwd);
+  m.def("memory_scan_bwd(Tensor q, Tensor k, Tensor v, Tensor lr, Tensor momentum, Tensor decay, Tensor A, "
+        "Tensor W_states, Tensor S_states, int chunk_size, int offset, Tensor dy, Tensor dW_end, "
+        "Tensor dS_end, Tensor dA_end, bool first_order, int stream) -> Tensor[]",
+        &memory_scan_bwd);
+  // Test hook: fill every output with NaN before the kernels write it.
+  m.def("set_poison(bool on) -> ()", &set_poison);
 }

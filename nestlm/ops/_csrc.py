@@ -1,7 +1,9 @@
 """Build and call the CUDA kernels in csrc/ (fused linear-memory scan).
 
-Loading order, once per process:
-1. the ahead-of-time module `nestlm._memory_scan_C` (built by `NESTLM_BUILD_CUDA=1 pip install -e .`);
+The binding registers torch.ops.nestlm_csrc.{memory_scan_fwd, memory_scan_bwd, set_poison}. Loading
+order, once per process:
+1. the ahead-of-time library `nestlm/_memory_scan_C*.so` (built by `NESTLM_BUILD_CUDA=1 pip install
+   --no-build-isolation -e .`);
 2. a JIT build of csrc/ with torch.utils.cpp_extension.load (ninja), cached under
    $NESTLM_CSRC_BUILD_DIR or torch's extension cache, so later processes only load the .so.
 Nothing is built without CUDA (`available()` is False on CPU-only machines), and
@@ -34,33 +36,33 @@ def forced_torch() -> bool:
 
 @functools.lru_cache(maxsize=1)
 def load():
-    """The compiled extension module, or None when it cannot be had (reason logged once)."""
+    """The op namespace torch.ops.nestlm_csrc once the kernels are loaded, or None (reason logged)."""
     if not torch.cuda.is_available() or torch.version.cuda is None:
         return None
+    aot = sorted(Path(__file__).resolve().parents[1].glob("_memory_scan_C*.so"))
     try:
-        from nestlm import _memory_scan_C  # type: ignore[attr-defined]
+        if aot:
+            torch.ops.load_library(str(aot[0]))
+        else:
+            if not all((CSRC_DIR / s).exists() for s in SOURCES):
+                log.info("csrc/ sources not found next to the package; memory scan stays on PyTorch")
+                return None
+            from torch.utils.cpp_extension import load as jit_load
 
-        return _memory_scan_C
-    except ImportError:
-        pass
-    if not all((CSRC_DIR / s).exists() for s in SOURCES):
-        log.info("csrc/ sources not found next to the package; memory scan stays on PyTorch")
-        return None
-    try:
-        from torch.utils.cpp_extension import load as jit_load
-
-        build_dir = os.environ.get("NESTLM_CSRC_BUILD_DIR")
-        if build_dir:
-            Path(build_dir).mkdir(parents=True, exist_ok=True)
-        return jit_load(
-            name=EXT_NAME,
-            sources=[str(CSRC_DIR / s) for s in SOURCES],
-            extra_cuda_cflags=list(NVCC_FLAGS),
-            build_directory=build_dir,
-            verbose=os.environ.get("NESTLM_CSRC_VERBOSE") == "1",
-        )
+            build_dir = os.environ.get("NESTLM_CSRC_BUILD_DIR")
+            if build_dir:
+                Path(build_dir).mkdir(parents=True, exist_ok=True)
+            jit_load(
+                name=EXT_NAME,
+                sources=[str(CSRC_DIR / s) for s in SOURCES],
+                extra_cuda_cflags=list(NVCC_FLAGS),
+                build_directory=build_dir,
+                is_python_module=False,
+                verbose=os.environ.get("NESTLM_CSRC_VERBOSE") == "1",
+            )
+        return torch.ops.nestlm_csrc
     except Exception as err:  # a broken toolchain must not take the model down
-        log.warning("building csrc/ failed (%s); memory scan stays on PyTorch", err)
+        log.warning("loading csrc/ failed (%s); memory scan stays on PyTorch", err)
         return None
 
 

@@ -17,6 +17,12 @@ step with no autograd graph. Only the state at each chunk start is kept; the bac
 recomputes a chunk's states from it and runs the adjoint recurrence g_t = C_t gy_t + a_{t+1} g_{t+1}
 in reverse, so memory is O(b d n (l / chunk + chunk)) instead of O(b d n l). Decays are exp of
 delta * A (never of a positive sum when A <= 0), in fp32 (fp64 for fp64 inputs).
+
+Why not a closed form inside the chunk, as in SSD: Mamba-1's decay differs per (channel, state)
+pair, so there is no shared [chunk, chunk] decay matrix to fold into a matmul. The factored form
+exp(cs_t) * cumsum(exp(-cs_s) x_s) overflows once a chunk's log decay passes ~-88 (fp32), which
+strong channels reach within a few tokens; the stable pairwise form exp(cs_t - cs_s) costs chunk
+times the work of the scan. The fused step does one pass over the state per token.
 """
 
 from __future__ import annotations

@@ -238,3 +238,36 @@ def test_load_lightning_style_checkpoint(tmp_path):
     (tmp_path / "bad.ckpt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="bad.ckpt"):
         load_model(tmp_path / "bad.ckpt")
+
+
+def test_wandb_eval_run_joins_the_training_group(tmp_path, monkeypatch):
+    import wandb
+
+    calls = {}
+
+    class FakeRun:
+        dir = str(tmp_path / "wandb-run")
+        summary: dict = {}
+
+        def log(self, d):
+            calls["log"] = d
+
+        def finish(self):
+            calls["finished"] = True
+
+    def fake_init(**kw):
+        calls["init"] = kw
+        return FakeRun()
+
+    monkeypatch.setattr(wandb, "init", fake_init)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    run = tmp_path / "run"
+    tiny_model().save_pretrained(run / "export")
+    (run / "wandb_run_id").write_text("trainrun42\n")
+    eval_main(["--ckpt", str(run / "export"), "--envs", "shell", "--horizons", "5", "--episodes", "1",
+               "--out", str(tmp_path / "r.json"), "--wandb", "--no-progress"])
+    init = calls["init"]
+    assert init["group"] == "trainrun42" and init["job_type"] == "eval" and init["mode"] == "offline"
+    assert "acb/shell/acc@5" in calls["log"] and calls["finished"]
