@@ -140,6 +140,22 @@ def test_clipped_inner_gradients_match_token_loop(depth):
     assert rel_err(unclipped[1], fast[1]) > 1e-3  # the clip is active in this case
 
 
+@pytest.mark.parametrize("depth", [1, 2])
+def test_saturated_gates_match_token_loop(depth):
+    """eta = 0 (no momentum) and alpha = 1 (full forget) exactly: the clamped logs stay exact and finite."""
+    inp = op_inputs(1, 40, 2, 4, depth=depth, seed=9, lr_max=0.05, decay_max=0.01)
+    with torch.no_grad():
+        inp["momentum"][:, 5:9] = 0.0
+        inp["decay"][:, 17] = 1.0
+        inp["decay"][:, 30:33] = 1.0
+    fns = (linear_memory_scan, linear_memory_scan_ref) if depth == 1 else (mlp_memory_scan, mlp_memory_scan_ref)
+    fast, g_fast = run_with_grads(fns[0], inp, chunk_size=8)
+    ref, g_ref = run_with_grads(fns[1], inp, chunk_size=8)
+    for a, b in zip(fast + g_fast, ref + g_ref):
+        assert torch.isfinite(a).all()
+        assert rel_err(a, b) < 1e-9
+
+
 def test_first_order_changes_only_gradients():
     inp = op_inputs(1, 40, 2, 4, depth=2, seed=3)
     full, g_full = run_with_grads(mlp_memory_scan, inp, chunk_size=8)
@@ -378,3 +394,46 @@ def test_long_stream_fp32_at_max_lr_stays_finite(depth, max_grad_norm):
     for n, t in st.items():
         assert torch.isfinite(t.float()).all(), n
     assert int(st["pos"][0]) == 20000
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_state_save_load_continue_is_bit_identical(depth, tmp_path):
+    from nestlm.models.state import State
+
+    m = make_layer(depth, chunk_size=8).float()
+    x = torch.randn(2, 29, 24)
+    with torch.no_grad():
+        _, st = m(x[:, :13])  # stops inside a chunk: anchor, position and conv history all matter
+        y_cont, st_cont = m(x[:, 13:], st)
+        State([{"mixer": st, "channel": {}}]).save(tmp_path / "mem.safetensors")
+        loaded = State.load(tmp_path / "mem.safetensors").blocks[0]["mixer"]
+        assert loaded.keys() == st.keys()
+        y_loaded, st_loaded = m(x[:, 13:], loaded)
+    assert torch.equal(y_loaded, y_cont)
+    for n in st_cont:
+        assert torch.equal(st_loaded[n], st_cont[n]), n
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("depth", [1, 2])
+def test_cuda_fp32_matches_cpu_fp64(depth):
+    m = make_layer(depth, chunk_size=16)
+    x = torch.randn(2, 100, 24, dtype=F64)
+    y_ref, st_ref = m(x)
+    y_ref.square().mean().backward()
+    g_ref = {n: p.grad.clone() for n, p in m.named_parameters()}
+    mc = make_layer(depth, chunk_size=16).float().cuda()
+    mc.load_state_dict(m.state_dict())
+    y, st = mc(x.float().cuda())
+    y.square().mean().backward()
+    assert rel_err(y.cpu(), y_ref) < 1e-3
+    for n in st_ref:
+        assert st[n].device.type == "cuda"
+        assert rel_err(st[n].cpu(), st_ref[n]) < 1e-3, n
+    for n, p in mc.named_parameters():
+        assert rel_err(p.grad.cpu(), g_ref[n]) < 1e-3, n
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y16, st16 = mc(x.float().cuda())
+    assert torch.isfinite(y16.float()).all()
+    assert all(t.dtype == (torch.int64 if n == "pos" else torch.float32) for n, t in st16.items())

@@ -32,8 +32,9 @@ E_t = prod_{s<=t} eta_s and B_t = prod_{s<=t} (1 - alpha_s):
     W_end = B_n W_0 + g S_0 - sum_i c_i u_i,         g = sum_t B_n E_t / B_t,
                                                      c_i = theta_i sum_{t>=i} (B_n / B_t)(E_t / E_i)
 
-Every ratio is exp of a difference of log-space cumulative sums (never positive), with eta and
-1 - alpha clamped away from 0 before the log. Each u_i is a sum of outer products P_i R_i^T of
+Every ratio E_n / E_i, B_n / B_t is a product over a stretch of one chunk, formed with cumprod and
+no division: a gate of exactly 0 (eta) or 1 (alpha) is exact, with finite gradients, and products
+of at most C factors in fp32 cannot overflow. Each u_i is a sum of outer products P_i R_i^T of
 backpropagated vectors (depth 1: 2 r_i k_i^T with r_i = W_a k_i - v_i; depth 2: one pair per
 weight, written out analytically below), so sum_i c_i u_i is one matmul per chunk. The gate
 coefficients of all chunks are computed at once; the only Python loop is over chunks (L / C
@@ -54,7 +55,6 @@ tests); q, k, v and the gates are cast to it.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -66,9 +66,6 @@ from nestlm.ops import backends
 Tensor = torch.Tensor
 Weights = tuple[Tensor, ...]
 
-# eta and 1 - alpha are clamped to this before taking logs: a gate of exactly 0 (e.g. sigmoid
-# saturating in fp32) would make the log-space cumsum -inf and its gradient NaN.
-_MIN_FACTOR = 1e-30
 
 __all__ = [
     "linear_memory_scan",
@@ -211,28 +208,32 @@ def _chunk_coefficients(lr: Tensor, momentum: Tensor, decay: Tensor, C: int, off
     Identity tokens have theta = 0 and factor 1 and are masked out of the sums over t.
     Returns ce [n, N, C, 2] (c_i and e_i side by side) and T [n, N, 2, 2] = [[B_n, g], [0, E_n]],
     the chunk's map of (W_0, S_0).
+
+    Every ratio is a product over a stretch of the chunk, formed by cumprod without division, so a
+    gate of exactly 0 (eta) or 1 (alpha) gives exact values and exact, finite gradients; a product
+    has at most C factors, so it cannot overflow and its underflow is to the right limit, 0.
     """
     n, L = lr.shape
     N = -(-(offset + L) // C)
     pad = (offset, N * C - offset - L)
-    log_eta = F.pad(torch.log(momentum.clamp(min=_MIN_FACTOR)), pad).view(n, N, C)
-    log_keep = F.pad(torch.log((1.0 - decay).clamp(min=_MIN_FACTOR)), pad).view(n, N, C)
+    eta = F.pad(momentum, pad, value=1.0).view(n, N, C)
+    keep = F.pad(1.0 - decay, pad, value=1.0).view(n, N, C)
     theta = F.pad(lr, pad).view(n, N, C)
     real = F.pad(torch.ones(L, dtype=torch.bool, device=lr.device), pad).view(N, C)
 
-    cE = log_eta.cumsum(-1)  # log E_t
-    cB = log_keep.cumsum(-1)  # log B_t
-    cE_n, cB_n = cE[..., -1:], cB[..., -1:]
-    # log (B_n / B_t)(E_t / E_i) for t >= i: [n, N, C(t), C(i)]; never positive
-    tri = torch.ones(C, C, dtype=torch.bool, device=lr.device).tril()
-    valid = tri[None] & real[:, :, None]
-    log_bt_et = cB_n - cB + cE
-    logits = log_bt_et[..., :, None] - cE[..., None, :]
-    D = torch.where(valid, logits, torch.full_like(logits, -math.inf)).exp()
-    c = theta * D.sum(-2)
-    e = theta * torch.exp(cE_n - cE)
-    g = torch.where(real, log_bt_et, torch.full_like(cE, -math.inf)).exp().sum(-1, keepdim=True)
-    T = torch.stack((torch.cat((cB_n.exp(), g), -1), torch.cat((torch.zeros_like(g), cE_n.exp()), -1)), -2)
+    # Er[i, t] = prod_{i < s <= t} eta_s (= E_t / E_i for t >= i): rows start at 1 after their i
+    after = torch.ones(C, C, dtype=torch.bool, device=lr.device).triu(1)  # [i, s]: s > i
+    Er = torch.where(after, eta[..., None, :], torch.ones_like(eta)[..., None, :]).cumprod(-1)
+    E = eta.cumprod(-1)  # E_t
+    Bs = keep.flip(-1).cumprod(-1).flip(-1)  # prod_{s >= t} keep_s
+    Bsuf = torch.cat((Bs[..., 1:], torch.ones_like(Bs[..., :1])), -1)  # B_n / B_t = prod_{s > t} keep_s
+    w_t = torch.where(real, Bsuf, torch.zeros_like(Bsuf))  # real tokens only in the sums over t
+    valid = ~after.transpose(0, 1)  # [i, t]: t >= i
+    c = theta * (torch.where(valid, Er, torch.zeros_like(Er)) * w_t[..., None, :]).sum(-1)
+    e = theta * Er[..., -1]
+    g = (w_t * E).sum(-1, keepdim=True)
+    E_n, B_n = E[..., -1:], Bs[..., :1]
+    T = torch.stack((torch.cat((B_n, g), -1), torch.cat((torch.zeros_like(g), E_n), -1)), -2)
     return torch.stack((c, e), -1), T
 
 
