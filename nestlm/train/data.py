@@ -214,12 +214,12 @@ class TokenShards(_StreamDataModule):
             for i, f in enumerate(files):
                 arr = np.memmap(f, dtype=self.dtype, mode="r")
                 shards.append(arr)
-                doc_starts = np.concatenate([[0], np.flatnonzero(arr == self.eos_id) + 1])
-                doc_ends = np.concatenate([doc_starts[1:], [len(arr)]])
-                for s, e in zip(doc_starts, doc_ends):
-                    if e > s:  # chunks of long documents, each a sample of its own
-                        offs = np.arange(s, e, self.seq_len)
-                        starts.append(np.stack([np.full(len(offs), i), offs], 1))
+                doc_starts = np.concatenate([[0], np.flatnonzero(arr == self.eos_id) + 1]).astype(np.int64)
+                n = -(-(np.append(doc_starts[1:], len(arr)) - doc_starts) // self.seq_len)  # windows per document
+                doc = np.repeat(np.arange(len(n)), n)
+                within = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+                offs = doc_starts[doc] + within * self.seq_len  # each window of a long document is a sample
+                starts.append(np.stack([np.full(len(offs), i), offs], 1))
             self._splits[split] = (shards, np.concatenate(starts).astype(np.int64))
         return self._splits[split]
 
