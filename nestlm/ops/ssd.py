@@ -77,17 +77,80 @@ def _finish(y, x, D, z, out_dtype):
     return y.to(out_dtype)
 
 
-def _decay_matrix(a_cs: torch.Tensor) -> torch.Tensor:
-    """a_cs: [..., c] within-chunk cumulative log decays -> [..., c, c] with
-    out[t, s] = exp(a_cs[t] - a_cs[s]) = exp(sum_{s<r<=t} a_r) for s <= t, else 0.
+class _ChunkedSSD(torch.autograd.Function):
+    """Steps 1-4 of the module doc on chunked tensors, with a hand-written backward.
 
-    The upper triangle is set to -inf before exp (never exp of a positive number, and a zero
-    gradient there); within one chunk the difference of prefix sums loses at most a few ulps of
-    the chunk's total log decay.
+    Cc, Bc: [b, g, k, c, n]; Xc = dt * x: [b, g, r, k, c, p]; a = dt * A: [b, g, r, k, c] (log
+    decays); S0: [b, g, r, p, n]. Returns y [b, g, r, k, c, p] and the final state [b, g, r, p, n].
+
+    Why by hand: autograd keeps every [c, c] intermediate of step 1 and walks the chunk loop of
+    step 3 op by op; here the backward makes five passes over the [c, c] matrices, recomputes the
+    carried states from the saved chunk states, and runs the reverse chunk loop without a graph.
     """
-    c = a_cs.shape[-1]
-    causal = torch.ones(c, c, dtype=torch.bool, device=a_cs.device).tril()
-    return torch.exp((a_cs[..., :, None] - a_cs[..., None, :]).masked_fill(~causal, float("-inf")))
+
+    @staticmethod
+    def forward(ctx, Cc, Bc, Xc, a, S0):
+        c = Cc.shape[-2]
+        a_cs = a.cumsum(-1)
+        # 1. intra-chunk: exp of the masked segment sums, never of a positive number
+        seg = a_cs[..., :, None] - a_cs[..., None, :]  # [b, g, r, k, c, c]
+        seg.masked_fill_(~torch.ones(c, c, dtype=torch.bool, device=a.device).tril(), float("-inf"))
+        Lmat = seg.exp_()
+        M = Lmat * (Cc @ Bc.transpose(-1, -2))[:, :, None]
+        y = M @ Xc
+        # 2. each chunk's own contribution to the state at its end
+        dte = torch.exp(a_cs[..., -1:] - a_cs)  # [b, g, r, k, c]
+        chunk_states = (Xc * dte[..., None]).transpose(-1, -2) @ Bc[:, :, None]  # [b, g, r, k, p, n]
+        # 3. carry across chunks; 4. read the carried-in state at every position
+        decay = torch.exp(a_cs[..., -1])  # [b, g, r, k]
+        states_in = torch.empty_like(chunk_states)
+        state = S0
+        for i, (decay_i, cs_i) in enumerate(zip(decay.unbind(-1), chunk_states.unbind(3))):
+            states_in[:, :, :, i] = state
+            state = torch.addcmul(cs_i, decay_i[..., None, None], state)
+        ein = torch.exp(a_cs)
+        y += (Cc[:, :, None] @ states_in.transpose(-1, -2)) * ein[..., None]
+        ctx.save_for_backward(Cc, Bc, Xc, a_cs, Lmat, M, dte, decay, states_in, ein)
+        return y, state
+
+    @staticmethod
+    def backward(ctx, gy, gstate):
+        Cc, Bc, Xc, a_cs, Lmat, M, dte, decay, states_in, ein = ctx.saved_tensors
+        if gy is None:
+            gy = torch.zeros_like(Xc)
+        # 4. y4 = (C S_in^T) * ein
+        Q = Cc[:, :, None] @ states_in.transpose(-1, -2)  # [b, g, r, k, c, p]
+        g_acs = (gy * Q).sum(-1) * ein
+        gQ = gy * ein[..., None]
+        gC = (gQ @ states_in).sum(2)  # [b, g, k, c, n]
+        g_in = gQ.transpose(-1, -2) @ Cc[:, :, None]  # [b, g, r, k, p, n]
+        # 3. reverse chunk loop: g_run = dL/d(state leaving chunk i)
+        g_run = torch.zeros_like(states_in[:, :, :, 0]) if gstate is None else gstate.to(Xc.dtype)
+        g_cs = torch.empty_like(states_in)
+        g_decay = torch.empty_like(decay)
+        for i in range(decay.shape[-1] - 1, -1, -1):
+            g_cs[:, :, :, i] = g_run
+            g_decay[..., i] = (g_run * states_in[:, :, :, i]).sum((-1, -2))
+            g_run = torch.addcmul(g_in[:, :, :, i], decay[..., i, None, None], g_run)
+        g_last = g_decay * decay  # d/d a_cs[..., -1]
+        # 2. chunk_states = (Xc * dte)^T Bc
+        gXd = Bc[:, :, None] @ g_cs.transpose(-1, -2)  # [b, g, r, k, c, p]
+        gB = ((Xc * dte[..., None]) @ g_cs).sum(2)  # [b, g, k, c, n]
+        gXc = gXd * dte[..., None]
+        g_dte = (gXd * Xc).sum(-1) * dte
+        g_acs -= g_dte
+        g_last = g_last + g_dte.sum(-1)
+        # 1. y1 = (scores * Lmat) @ Xc
+        dM = gy @ Xc.transpose(-1, -2)  # [b, g, r, k, c, c]
+        gXc += M.transpose(-1, -2) @ gy
+        gscores = (dM * Lmat).sum(2)  # [b, g, k, c, c]
+        dM.mul_(M)  # = dL/d(segment sum); zero above the diagonal
+        g_acs += dM.sum(-1) - dM.sum(-2)
+        gC += gscores @ Bc
+        gB += gscores.transpose(-1, -2) @ Cc
+        g_acs[..., -1] += g_last
+        ga = g_acs.flip(-1).cumsum(-1).flip(-1)  # a_cs = cumsum(a)
+        return gC, gB, gXc, ga, g_run
 
 
 def _ssd_torch(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_softplus, return_final_states):
@@ -105,34 +168,12 @@ def _ssd_torch(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_sof
     Bc = F.pad(B.to(cd), (0, 0, 0, 0, 0, pad)).view(b, nc, c, g, n).permute(0, 3, 1, 2, 4).contiguous()  # [b,g,k,c,n]
     Cc = F.pad(C.to(cd), (0, 0, 0, 0, 0, pad)).view(b, nc, c, g, n).permute(0, 3, 1, 2, 4).contiguous()
     Xc = xdt.view(b, nc, c, g, r, p).permute(0, 3, 4, 1, 2, 5).contiguous()  # [b, g, r, k, c, p]
-    a = (dt_ * A.to(cd)).view(b, nc, c, g, r).permute(0, 3, 4, 1, 2)  # [b, g, r, k, c] log decays
-    a_cs = a.cumsum(-1)
-
-    # 1. intra-chunk: y_t = sum_{s<=t} (C_t . B_s) exp(segsum[t, s]) dt_s x_s
-    scores = Cc @ Bc.transpose(-1, -2)  # [b, g, k, c, c]
-    Lmat = _decay_matrix(a_cs)  # [b, g, r, k, c, c]
-    y = (scores[:, :, None] * Lmat) @ Xc  # [b, g, r, k, c, p]
-
-    # 2. state each chunk adds at its own end (zero initial state)
-    decay_to_end = torch.exp(a_cs[..., -1:] - a_cs)  # [b, g, r, k, c]; exponent <= 0 for A <= 0
-    chunk_states = (Xc * decay_to_end[..., None]).transpose(-1, -2) @ Bc[:, :, None]  # [b, g, r, k, p, n]
-
-    # 3. carry the state across chunks
-    chunk_decay = torch.exp(a_cs[..., -1])  # [b, g, r, k]
+    a = (dt_ * A.to(cd)).view(b, nc, c, g, r).permute(0, 3, 4, 1, 2).contiguous()  # [b, g, r, k, c]
     if initial_states is None:
-        state = chunk_states.new_zeros(b, g, r, p, n)
+        S0 = Xc.new_zeros(b, g, r, p, n)
     else:
-        state = initial_states.to(cd).view(b, g, r, p, n)
-    states_in = []
-    # unbind, not indexing: the backward of each index op would add into a full-size zero tensor
-    for decay_k, states_k in zip(chunk_decay.unbind(-1), chunk_states.unbind(3)):
-        states_in.append(state)
-        state = decay_k[..., None, None] * state + states_k
-    states_in = torch.stack(states_in, dim=3)  # [b, g, r, k, p, n]
-
-    # 4. carried-in state read out at every position: exp(a_cs[t]) C_t . S_in
-    y = y + (Cc[:, :, None] @ states_in.transpose(-1, -2)) * torch.exp(a_cs)[..., None]
-
+        S0 = initial_states.to(cd).reshape(b, g, r, p, n)
+    y, state = _ChunkedSSD.apply(Cc, Bc, Xc, a, S0)
     y = y.permute(0, 3, 4, 1, 2, 5).reshape(b, nc * c, h, p)[:, :length]
     out = _finish(y, x, D, z, x.dtype)
     if not return_final_states:
