@@ -1,4 +1,4 @@
-"""causal_conv1d (F.conv1d path) against its token-loop reference, fp64."""
+"""causal_conv1d (shifted multiply-add path) against its token-loop reference, fp64."""
 
 import pytest
 import torch
