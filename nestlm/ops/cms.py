@@ -28,6 +28,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from nestlm.ops._chunks import chunk_pieces
+
 
 def _check(u: Tensor, k: Tensor, v: Tensor, eta: Tensor, W: Tensor, G: Tensor, pos: Tensor, period: int) -> None:
     b, t, n = u.shape
@@ -58,17 +60,17 @@ def cms_scan(u: Tensor, k: Tensor, v: Tensor, eta: Tensor, W: Tensor, G: Tensor,
         raise ValueError("cms_scan: pos must be equal across the batch (rows at different positions)")
     dt = W.dtype
     u, k, v, eta = u.to(dt), k.to(dt), v.to(dt), eta.to(dt)
+    sizes, _ = chunk_pieces(p0, t, period)
     ys = []
-    a, r = 0, p0 % period
-    while a < t:
-        e = min(t, a + period - r)
-        ys.append(u[:, a:e] @ W)
-        err = k[:, a:e] @ W - v[:, a:e]  # [b, s, d]: residual of the local loss at the period-start W
-        G = G + (k[:, a:e] * eta[:, a:e, None]).transpose(1, 2) @ err
-        if r + (e - a) == period:  # the period is complete: take the step
+    r = p0 % period
+    for u_s, k_s, v_s, eta_s in zip(*(x.split(sizes, dim=1) for x in (u, k, v, eta))):
+        ys.append(u_s @ W)
+        err = k_s @ W - v_s  # [b, s, d]: residual of the local loss at the period-start W
+        G = G + (k_s * eta_s[..., None]).transpose(1, 2) @ err
+        if r + u_s.shape[1] == period:  # the period is complete: take the step
             W = W - G / period
             G = torch.zeros_like(G)
-        a, r = e, 0
+        r = 0
     return torch.cat(ys, 1), W, G, pos + t
 
 

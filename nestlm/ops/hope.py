@@ -55,6 +55,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from nestlm.ops._chunks import chunk_pieces
+
 STATE_KEYS = ("aux_W", "aux_A", "aux_S", "mem_W", "mem_A", "mem_S", "pos")
 
 
@@ -117,15 +119,6 @@ def _check(xh: Tensor, q: Tensor, log_mu: Tensor, state: dict, chunk_size: int, 
     return c
 
 
-def _segments(p0: int, t: int, C: int):
-    """Consecutive [a, e) pieces of [0, t) cut at absolute multiples of C; yields (a, e, starts_chunk)."""
-    a, r = 0, p0 % C
-    while a < t:
-        e = min(t, a + C - r)
-        yield a, e, r == 0
-        a, r = e, 0
-
-
 def selfmod_scan(xh: Tensor, q: Tensor, log_mu: Tensor, b_eta: Tensor, b_alpha: Tensor, aux_init: Tensor,
                  mem_init: Tensor, max_lr: float, state: dict, chunk_size: int, aux_chunk_size: int
                  ) -> tuple[Tensor, dict]:
@@ -148,25 +141,28 @@ def selfmod_scan(xh: Tensor, q: Tensor, log_mu: Tensor, b_eta: Tensor, b_alpha: 
         x.to(dt) for x in (xh, q, log_mu, b_eta, b_alpha, aux_init, mem_init))
     W, A, S = state["aux_W"], state["aux_A"], state["aux_S"]
     ks, vs, etas, lks = [], [], [], []
-    for a, e, fresh in _segments(p0, t, aux_chunk_size):
-        if fresh:
+    sizes, fresh = chunk_pieces(p0, t, aux_chunk_size)
+    for x_s, lmu_s, fresh_s in zip(xh.split(sizes, 1), log_mu.split(sizes, 1), fresh):
+        if fresh_s:
             A = W
-        z = torch.einsum("bshc,bhrc->bshr", xh[:, a:e], A)
+        z = torch.einsum("bshc,bhrc->bshr", x_s, A)
         k, v, eta, lk = _aux_outputs(z, c, max_lr, b_eta, b_alpha)
         E = torch.einsum("bshc,bhrc->bshr", k - v, A)  # A k - A v: error against the self-generated target
-        W, S = _segment_update(W, S, aux_init, E, k, eta, lk, log_mu[:, a:e])
+        W, S = _segment_update(W, S, aux_init, E, k, eta, lk, lmu_s)
         ks.append(k), vs.append(v), etas.append(eta), lks.append(lk)
     new = {"aux_W": W, "aux_A": A, "aux_S": S}
     if t:
         k, v, eta, lk = (torch.cat(x, 1) for x in (ks, vs, etas, lks))
     W, A, S = state["mem_W"], state["mem_A"], state["mem_S"]
     outs = []
-    for a, e, fresh in _segments(p0, t, chunk_size):
-        if fresh:
+    sizes, fresh = chunk_pieces(p0, t, chunk_size)
+    pieces = (x.split(sizes, 1) for x in (q, k, v, eta, lk, log_mu)) if t else ()
+    for (q_s, k_s, v_s, eta_s, lk_s, lmu_s), fresh_s in zip(zip(*pieces), fresh):
+        if fresh_s:
             A = W
-        outs.append(torch.einsum("bshc,bhrc->bshr", q[:, a:e], A))
-        E = torch.einsum("bshc,bhrc->bshr", k[:, a:e], A) - v[:, a:e]
-        W, S = _segment_update(W, S, mem_init, E, k[:, a:e], eta[:, a:e], lk[:, a:e], log_mu[:, a:e])
+        outs.append(torch.einsum("bshc,bhrc->bshr", q_s, A))
+        E = torch.einsum("bshc,bhrc->bshr", k_s, A) - v_s
+        W, S = _segment_update(W, S, mem_init, E, k_s, eta_s, lk_s, lmu_s)
     new.update(mem_W=W, mem_A=A, mem_S=S, pos=pos + t)
     o = torch.cat(outs, 1) if outs else q.new_zeros(b, 0, *q.shape[2:])
     return o, new
