@@ -121,3 +121,27 @@ def test_bad_activation_raises():
     inp = make(1, 2, 4, 3)
     with pytest.raises(ValueError, match="activation"):
         call(causal_conv1d, inp, "relu")
+
+
+@pytest.mark.parametrize("init", [True, False])
+def test_channel_last_input_matches_contiguous(init):
+    """A [b, l, d] tensor seen as [b, d, l] (how the layers call the op) takes the layout-keeping
+    path; outputs, states and gradients equal the contiguous path's and the reference's."""
+    inp = make(2, 6, 37, 4, seed=5, init=init)
+    xcl = inp["x"].transpose(1, 2).contiguous().transpose(1, 2)
+    assert xcl.stride(1) == 1
+    outs = []
+    for x in (inp["x"], xcl):
+        leaf = {k: v.detach().clone().requires_grad_(True) for k, v in dict(inp, x=x).items()}
+        y, s = call(causal_conv1d, leaf, "silu")
+        gy = torch.linspace(-1, 1, y.numel(), dtype=F64).view(y.shape)
+        # a gradient in the other layout, as a transposing consumer would send it
+        gy = gy.transpose(1, 2).contiguous().transpose(1, 2) if x is inp["x"] else gy.contiguous()
+        grads = torch.autograd.grad((y * gy).sum() + s.sum(), list(leaf.values()))
+        outs.append((y, s, grads))
+    (y1, s1, g1), (y2, s2, g2) = outs
+    assert rel(y2, y1) < 1e-12 and rel(s2, s1) < 1e-12
+    for a, b in zip(g1, g2):
+        assert (a - b).abs().max() <= 1e-12
+    yr, sr = call(causal_conv1d_ref, inp, "silu")
+    assert rel(y2, yr) < 1e-12 and rel(s2, sr) < 1e-12

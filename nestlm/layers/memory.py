@@ -34,37 +34,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nestlm.layers.conv import ShortConv
 from nestlm.ops.memory import (
     linear_memory_scan,
     linear_memory_scan_ref,
     mlp_memory_scan,
     mlp_memory_scan_ref,
 )
-
-
-class _ShortConv(nn.Module):
-    """Causal depthwise conv + SiLU with a streaming state (the last w-1 inputs).
-
-    Same parameter and state layout as nestlm.layers.conv.ShortConv (weight [d, 1, w], bias [d],
-    state {"conv": [b, d, w-1]}). forward(x [b, t, d], state) -> (y [b, t, d], state).
-    """
-
-    def __init__(self, d: int, kernel_size: int, activation: str = "silu"):
-        super().__init__()
-        self.d, self.kernel_size = d, kernel_size
-        bound = 1.0 / math.sqrt(kernel_size)
-        self.weight = nn.Parameter(torch.empty(d, 1, kernel_size).uniform_(-bound, bound))
-        self.bias = nn.Parameter(torch.empty(d).uniform_(-bound, bound))
-
-    def init_state(self, batch_size: int, device=None, dtype=None) -> dict[str, torch.Tensor]:
-        return {"conv": torch.zeros(batch_size, self.d, self.kernel_size - 1, device=device, dtype=dtype)}
-
-    def forward(self, x: torch.Tensor, state: dict[str, torch.Tensor]):
-        hist = state["conv"]
-        xc = torch.cat([hist.to(x.dtype), x.transpose(1, 2)], dim=-1)  # [b, d, w-1+t]
-        y = F.conv1d(xc, self.weight.to(x.dtype), self.bias.to(x.dtype), groups=self.d)
-        new_hist = xc[..., xc.shape[-1] - (self.kernel_size - 1) :].to(hist.dtype)
-        return F.silu(y).transpose(1, 2), {"conv": new_hist}
 
 
 def _state_dtype(dtype: torch.dtype | None) -> torch.dtype:
@@ -141,7 +117,7 @@ class NeuralMemory(nn.Module):
         inner = n_heads * head_dim
 
         self.qkv_proj = nn.Linear(d_model, 3 * inner, bias=False)
-        self.conv = _ShortConv(3 * inner, kernel_size=conv_size, activation="silu")
+        self.conv = ShortConv(3 * inner, kernel_size=conv_size, activation="silu")
         self.gate_proj = nn.Linear(d_model, 3 * n_heads)  # theta, eta, alpha logits per head
         if depth == 1:
             self.W0 = nn.ParameterList([nn.Parameter(torch.empty(n_heads, head_dim, head_dim))])

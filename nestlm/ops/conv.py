@@ -78,7 +78,8 @@ class _ShiftConv(torch.autograd.Function):
         xcat, weight, pre = ctx.saved_tensors
         w = weight.shape[1]
         length = gout.shape[-1]
-        gpre = torch.ops.aten.silu_backward(gout, pre) if ctx.silu else gout.contiguous()
+        gout = _same_layout(gout, _is_channel_last(xcat))
+        gpre = torch.ops.aten.silu_backward(gout, pre) if ctx.silu else gout
         d = gpre.shape[1]
         gxcat = torch.empty_like(xcat)
         gxcat[..., : w - 1] = 0
@@ -95,16 +96,35 @@ class _ShiftConv(torch.autograd.Function):
 
 def _conv_torch(x, weight, bias, initial_states, return_final_states, activation):
     d, w = weight.shape
-    if initial_states is None:
-        xcat = F.pad(x, (w - 1, 0))
+    state = x.new_zeros(x.shape[0], d, w - 1) if initial_states is None else initial_states.to(x.dtype)
+    if _is_channel_last(x):
+        # x is a [b, l, d] tensor seen as [b, d, l] (a layer's projection output): keep that
+        # layout so that every pass below and the layer's consumers run on matching strides
+        xcat = torch.cat([state.transpose(1, 2), x.transpose(1, 2)], dim=1).transpose(1, 2)
     else:
-        xcat = torch.cat([initial_states.to(x.dtype), x], dim=-1)
+        xcat = torch.cat([state, x], dim=-1)
     out = _ShiftConv.apply(
         xcat, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), activation is not None
     )
     if not return_final_states:
         return out
-    return out, _final_states(xcat, w).to(x.dtype)
+    return out, _final_states(xcat, w).to(x.dtype).contiguous()
+
+
+def _is_channel_last(t: torch.Tensor) -> bool:
+    """[b, d, l] tensor stored as a contiguous [b, l, d] one."""
+    return t.shape[1] > 1 and t.stride(1) == 1 and t.stride(2) == t.shape[1]
+
+
+def _same_layout(t: torch.Tensor, channel_last: bool) -> torch.Tensor:
+    """t [b, d, l] stored channel-last or contiguous, as asked.
+
+    Elementwise passes over tensors with different strides run ~10x slower on CPU than over
+    matching ones, so a gradient is brought to the layout of the saved activations first.
+    """
+    if channel_last:
+        return t if _is_channel_last(t) else t.transpose(1, 2).contiguous().transpose(1, 2)
+    return t.contiguous()
 
 
 def _channel_last(t: torch.Tensor) -> torch.Tensor:
