@@ -131,13 +131,12 @@ class _ChunkedScan(torch.autograd.Function):
         hs = u.new_empty(c, b, g, n, dg)
         h = h0.reshape(b, g, dg, n).transpose(-1, -2).contiguous()  # [b, g, n, dg]
         starts = []
-        with backends.serial_cpu(u.device, decay.numel()):
-            for t0 in range(0, length, c):
-                t1 = min(t0 + c, length)
-                starts.append(h)
-                # clone: the buffers are overwritten by the next chunk
-                h = _chunk_states(dl[t0:t1], du[t0:t1], At, Bt[t0:t1], h, decay, hs).clone()
-                torch.matmul(Ct[t0:t1], hs[: t1 - t0], out=y[t0:t1])
+        for t0 in range(0, length, c):
+            t1 = min(t0 + c, length)
+            starts.append(h)
+            # clone: the buffers are overwritten by the next chunk
+            h = _chunk_states(dl[t0:t1], du[t0:t1], At, Bt[t0:t1], h, decay, hs).clone()
+            torch.matmul(Ct[t0:t1], hs[: t1 - t0], out=y[t0:t1])
         ctx.save_for_backward(u, dl, du, At, Bt, Ct, *starts)
         ctx.chunk = c
         last = h.transpose(-1, -2).reshape(b, d, n)
@@ -160,32 +159,32 @@ class _ChunkedScan(torch.autograd.Function):
         gB, gC = torch.empty_like(Bt), torch.empty(length, b, g, n, 1, dtype=u.dtype, device=u.device)
         gA = torch.zeros(g, n, dg, dtype=u.dtype, device=u.device)
         decay, hs, gh, tmp = (u.new_empty(c, b, g, n, dg) for _ in range(4))
-        with backends.serial_cpu(u.device, decay.numel()):
-            for k in reversed(range(len(starts))):
-                t0 = k * c
-                t1 = min(t0 + c, length)
-                cl = t1 - t0
-                _chunk_states(dl[t0:t1], du[t0:t1], At, Bt[t0:t1], starts[k], decay, hs)
-                a, h, G, w = decay[:cl], hs[:cl], gh[:cl], tmp[:cl]
-                # adjoint recurrence: G_t = dL/dh_t = C_t gy_t + a_{t+1} G_{t+1}
-                torch.mul(gyt[t0:t1], Ct[t0:t1].transpose(-1, -2), out=G)
-                G[cl - 1] += carry
-                Gs, As = G.unbind(0), a.unbind(0)
+        for k in reversed(range(len(starts))):
+            t0 = k * c
+            t1 = min(t0 + c, length)
+            cl = t1 - t0
+            _chunk_states(dl[t0:t1], du[t0:t1], At, Bt[t0:t1], starts[k], decay, hs)
+            a, h, G, w = decay[:cl], hs[:cl], gh[:cl], tmp[:cl]
+            # adjoint recurrence: G_t = dL/dh_t = C_t gy_t + a_{t+1} G_{t+1}
+            torch.mul(gyt[t0:t1], Ct[t0:t1].transpose(-1, -2), out=G)
+            G[cl - 1] += carry
+            Gs, As = G.unbind(0), a.unbind(0)
+            with backends.serial_cpu(u.device, Gs[0].numel()):
                 for t in range(cl - 2, -1, -1):
                     Gs[t].addcmul_(As[t + 1], Gs[t + 1])
-                carry = As[0] * Gs[0]
-                # w = dL/d(log decay_t) = G_t * a_t * h_{t-1}
-                torch.mul(G, a, out=w)
-                w[1:] *= h[:-1]
-                w[0] *= starts[k]
-                GB = torch.matmul(Bt[t0:t1].transpose(-1, -2), G)  # [cl, b, g, 1, dg]
-                torch.mul(GB, dl[t0:t1], out=gu[t0:t1])
-                torch.mul(GB, ut[t0:t1], out=gdl[t0:t1])
-                torch.matmul(G, du[t0:t1].transpose(-1, -2), out=gB[t0:t1])
-                torch.matmul(h, gyt[t0:t1].transpose(-1, -2), out=gC[t0:t1])
-                gdl[t0:t1] += (w * At).sum(-2, keepdim=True)
-                w *= dl[t0:t1]
-                gA += w.sum((0, 1))
+            carry = As[0] * Gs[0]
+            # w = dL/d(log decay_t) = G_t * a_t * h_{t-1}
+            torch.mul(G, a, out=w)
+            w[1:] *= h[:-1]
+            w[0] *= starts[k]
+            GB = torch.matmul(Bt[t0:t1].transpose(-1, -2), G)  # [cl, b, g, 1, dg]
+            torch.mul(GB, dl[t0:t1], out=gu[t0:t1])
+            torch.mul(GB, ut[t0:t1], out=gdl[t0:t1])
+            torch.matmul(G, du[t0:t1].transpose(-1, -2), out=gB[t0:t1])
+            torch.matmul(h, gyt[t0:t1].transpose(-1, -2), out=gC[t0:t1])
+            gdl[t0:t1] += (w * At).sum(-2, keepdim=True)
+            w *= dl[t0:t1]
+            gA += w.sum((0, 1))
         gu = from_time_major(gu.view(length, b, d))
         gdelta = from_time_major(gdl.view(length, b, d))
         gB = from_time_major(gB.squeeze(-1))
@@ -207,9 +206,11 @@ def _chunk_states(dl, du, At, Bt, h, decay, hs):
     torch.mul(du, Bt, out=x)
     # the recurrence, in place: x_t <- x_t + a_t * h_{t-1}
     xs, as_ = x.unbind(0), a.unbind(0)
-    xs[0].addcmul_(as_[0], h)
-    for t in range(1, cl):
-        xs[t].addcmul_(as_[t], xs[t - 1])
+    # per-step ops on cache-sized slices: one thread (see backends.serial_cpu)
+    with backends.serial_cpu(h.device, h.numel()):
+        xs[0].addcmul_(as_[0], h)
+        for t in range(1, cl):
+            xs[t].addcmul_(as_[t], xs[t - 1])
     return xs[cl - 1]
 
 
