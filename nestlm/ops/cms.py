@@ -81,10 +81,11 @@ def cms_scan_ref(u: Tensor, k: Tensor, v: Tensor, eta: Tensor, W: Tensor, G: Ten
     dt = W.dtype
     u, k, v, eta = u.to(dt), k.to(dt), v.to(dt), eta.to(dt)
     ys = []
-    for i in range(u.shape[1]):
-        ys.append(torch.einsum("bn,bnd->bd", u[:, i], W))
-        err = torch.einsum("bn,bnd->bd", k[:, i], W) - v[:, i]
-        G = G + eta[:, i, None, None] * k[:, i, :, None] * err[:, None, :]
+    # unbind, not indexing: the backward of every index would fill a full-length zero tensor
+    for u_i, k_i, v_i, eta_i in zip(u.unbind(1), k.unbind(1), v.unbind(1), eta.unbind(1)):
+        ys.append(torch.einsum("bn,bnd->bd", u_i, W))
+        err = torch.einsum("bn,bnd->bd", k_i, W) - v_i
+        G = G + eta_i[:, None, None] * k_i[:, :, None] * err[:, None, :]
         pos = pos + 1
         done = (pos % period == 0)[:, None, None]
         # only when some row closes a period: a new W per token would be kept for the backward

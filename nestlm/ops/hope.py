@@ -179,17 +179,18 @@ def selfmod_scan_ref(xh: Tensor, q: Tensor, log_mu: Tensor, b_eta: Tensor, b_alp
     init = {"aux": aux_init, "mem": mem_init}
     st = dict(state)
     outs = []
-    for i in range(xh.shape[1]):
+    # unbind, not indexing: the backward of every index would fill a full-length zero tensor
+    for x_i, q_i, lmu_i in zip(xh.unbind(1), q.unbind(1), log_mu.unbind(1)):
         pos = st["pos"]
         for name, C in (("aux", aux_chunk_size), ("mem", chunk_size)):
             refresh = (pos % C == 0)[:, None, None, None]
             st[f"{name}_A"] = torch.where(refresh, st[f"{name}_W"], st[f"{name}_A"])
-        mu = log_mu[:, i].exp()[..., None, None]  # [b, h, 1, 1]
+        mu = lmu_i.exp()[..., None, None]  # [b, h, 1, 1]
         Aa, Am = st["aux_A"], st["mem_A"]
-        z = torch.einsum("bhc,bhrc->bhr", xh[:, i], Aa)
+        z = torch.einsum("bhc,bhrc->bhr", x_i, Aa)
         k, v, eta, lk = _aux_outputs(z, c, max_lr, b_eta, b_alpha)
         keep, eta = lk.exp()[..., None, None], eta[..., None, None]
-        outs.append(torch.einsum("bhc,bhrc->bhr", q[:, i], Am))
+        outs.append(torch.einsum("bhc,bhrc->bhr", q_i, Am))
         targets = {"aux": torch.einsum("bhc,bhrc->bhr", v, Aa), "mem": v}
         for name, A in (("aux", Aa), ("mem", Am)):
             err = torch.einsum("bhc,bhrc->bhr", k, A) - targets[name]

@@ -321,21 +321,23 @@ def _token_loop_ref(mem, q, k, v, lr, momentum, decay, W, S, W_anchor, C, offset
     Wt, St = tuple(W), tuple(S)
     A = tuple(W_anchor) if offset > 0 else Wt
     ys = []
-    for t in range(q.shape[1]):
+    # unbind, not indexing: the backward of every index would fill a full-length zero tensor
+    steps = zip(*(x.unbind(1) for x in (q, k, v, lr, momentum, decay)))
+    for t, (q_t, k_t, v_t, lr_t, mom_t, dec_t) in enumerate(steps):
         if (offset + t) % C == 0:
             A = Wt
-        ys.append(read_fn(A, q[:, t, :, None, :])[:, :, 0])
+        ys.append(read_fn(A, q_t[:, :, None, :])[:, :, 0])
         with torch.enable_grad():
             if first_order or not any(a.requires_grad for a in A):
                 A_in = tuple(a.detach().requires_grad_(True) for a in A)
             else:
                 A_in = A
-            loss = loss_fn(A_in, k[:, t, :, None, :], v[:, t, :, None, :]).sum()
+            loss = loss_fn(A_in, k_t[:, :, None, :], v_t[:, :, None, :]).sum()
             u = torch.autograd.grad(loss, A_in, create_graph=outer_grad)
             if max_grad_norm is not None:
                 scale = _clip_scale(sum(ui.pow(2).sum((-1, -2)) for ui in u), max_grad_norm)
                 u = tuple(ui * scale[..., None, None] for ui in u)
-        th, et, al = (x[:, t, :, None, None] for x in (lr, momentum, decay))
+        th, et, al = (x[:, :, None, None] for x in (lr_t, mom_t, dec_t))
         St = tuple(et * s - th * ui for s, ui in zip(St, u))
         Wt = tuple((1.0 - al) * w + s for w, s in zip(Wt, St))
     y = torch.stack(ys, dim=1) if ys else q.new_zeros(*q.shape[:3], W[0].shape[-2])
