@@ -63,13 +63,21 @@ def cms_scan(u: Tensor, k: Tensor, v: Tensor, eta: Tensor, W: Tensor, G: Tensor,
     sizes, _ = chunk_pieces(p0, t, period)
     ys = []
     r = p0 % period
+    zero = None
     for u_s, k_s, v_s, eta_s in zip(*(x.split(sizes, dim=1) for x in (u, k, v, eta))):
         ys.append(u_s @ W)
-        err = k_s @ W - v_s  # [b, s, d]: residual of the local loss at the period-start W
-        G = G + (k_s * eta_s[..., None]).transpose(1, 2) @ err
-        if r + u_s.shape[1] == period:  # the period is complete: take the step
-            W = W - G / period
-            G = torch.zeros_like(G)
+        err = torch.baddbmm(v_s, k_s, W, beta=-1.0)  # [b, s, d]: residual k W_p - v at the period start
+        ke = (k_s * eta_s[..., None]).transpose(1, 2)  # [b, n, s]
+        if r == 0 and u_s.shape[1] == period:
+            # a whole period: G is zero at its start, so the step is one fused update
+            W = torch.baddbmm(W, ke, err, alpha=-1.0 / period)
+            zero = torch.zeros_like(G) if zero is None else zero
+            G = zero
+        else:
+            G = torch.baddbmm(G, ke, err)
+            if r + u_s.shape[1] == period:  # the open period is complete: take the step
+                W = W - G / period
+                G = zero = torch.zeros_like(G) if zero is None else zero
         r = 0
     return torch.cat(ys, 1), W, G, pos + t
 
