@@ -64,6 +64,48 @@ def test_missing_vendor_package_is_none():
         assert backends.choose("selective_scan", "cuda") in ("torch", "vendor")
 
 
+def _flash_attn_semantics(q, k, v, causal, window_size, softmax_scale):
+    """flash_attn_func as documented: q [b, s, h, d], k, v [b, s, hkv, d]; query i sees keys
+    j in [i - left, i + right] (left = -1: unbounded), j <= i when causal."""
+    s, h, hkv = q.shape[1], q.shape[2], k.shape[2]
+    k, v = (x.repeat_interleave(h // hkv, dim=2) for x in (k, v))
+    i, j = torch.arange(s)[:, None], torch.arange(s)[None, :]
+    left, right = window_size
+    allowed = (j <= i) if causal else torch.ones(s, s, dtype=torch.bool)
+    if left >= 0:
+        allowed &= j >= i - left
+    if right >= 0:
+        allowed &= j <= i + right
+    scores = torch.einsum("bihd,bjhd->bhij", q.float(), k.float()) * softmax_scale
+    p = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+    return torch.einsum("bhij,bjhd->bihd", p, v.float()).to(q.dtype)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_attention_flash_path_passes_the_window_flash_attn_expects(monkeypatch, window):
+    """The flash-attn call (taken for fresh fp16/bf16 CUDA segments) against the SDPA path, with a
+    stand-in that implements flash_attn_func's documented window semantics; GQA, odd length."""
+    from nestlm.layers.attention import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(64, n_heads=4, n_kv_heads=2, window=window).to(torch.bfloat16)
+    x = torch.randn(2, 23, 64, dtype=torch.bfloat16)
+    y_sdpa, _ = attn(x)
+    calls = []
+
+    def fake(q, k, v, causal, window_size, softmax_scale):
+        calls.append(window_size)
+        return _flash_attn_semantics(q, k, v, causal, window_size, softmax_scale)
+
+    monkeypatch.setitem(backends._vendor_cache, "flash_attn", fake)
+    monkeypatch.setitem(backends._choice, ("flash_attn", "cpu", None), "vendor")
+    y_flash, _ = attn(x)
+    assert calls == [(-1, -1) if window is None else (window - 1, 0)]
+    assert (y_flash.float() - y_sdpa.float()).abs().max() < 2e-2
+    attn(x, attn.init_state(2, dtype=torch.bfloat16) | {"pos": torch.full((2,), 3)})  # cached keys: SDPA
+    assert len(calls) == 1 + (window is None)
+
+
 # ----------------------------------------------------------------------------------------- GPU
 
 gpu = pytest.mark.gpu
@@ -160,3 +202,23 @@ def test_env_forces_torch_on_cuda(monkeypatch):
     x = torch.randn(1, 4, 10, device="cuda")
     y = causal_conv1d(x, torch.randn(4, 3, device="cuda"))
     assert y.shape == x.shape
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("window", [None, 64])
+def test_attention_flash_attn_vs_sdpa(monkeypatch, window):
+    if backends.vendor_fn("flash_attn") is None:
+        pytest.skip("flash-attn not importable")
+    from nestlm.layers.attention import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(256, n_heads=8, n_kv_heads=2, window=window).cuda().to(torch.bfloat16)
+    x = torch.randn(2, 257, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y1, _ = attn(x)
+    g1 = _grads(y1, [x])
+    monkeypatch.setenv("NESTLM_BACKEND", "torch")
+    y2, _ = attn(x)
+    g2 = _grads(y2, [x])
+    _check_close(y1, y2, torch.bfloat16, "attention output")
+    _check_close(g1[0], g2[0], torch.bfloat16, "grad x")

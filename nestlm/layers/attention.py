@@ -3,6 +3,10 @@
 Full attention (`window=None`) keeps every past key/value: its state grows with the sequence.
 Sliding-window attention (`window=W`) lets a query at position i see keys at positions (i-W, i]; its
 state is a fixed-size buffer of the last W-1 keys/values, so memory does not grow with the sequence.
+
+Kernels: flash-attn's causal / sliding-window kernel for a fresh segment (no cached keys) of fp16 /
+bf16 CUDA tensors when the package imports (the training case), else PyTorch SDPA with an explicit
+mask. NESTLM_BACKEND=torch forces SDPA.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from nestlm.ops import backends
 
 
 def rope_cos_sin(pos: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
@@ -63,6 +69,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, state: dict | None = None) -> tuple[torch.Tensor, dict]:
         b, t, _ = x.shape
+        no_past = state is None  # no key before this segment (a sliding window's buffer is all padding)
         if state is None:
             state = self.init_state(b, x.device, x.dtype)
         pos0 = state["pos"]  # [b]
@@ -87,10 +94,17 @@ class Attention(nn.Module):
             if self.window is not None:
                 mask = mask & (rel < self.window)
             mask, causal = mask[:, None], False  # broadcast over heads
-        y = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2), attn_mask=mask, is_causal=causal,
-            enable_gqa=self.n_kv_heads != self.n_heads, scale=1.0 / math.sqrt(self.head_dim))
-        y = self.wo(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+        scale = 1.0 / math.sqrt(self.head_dim)
+        if ((no_past or fresh) and x.dtype in (torch.float16, torch.bfloat16)
+                and backends.choose("flash_attn", x.device) == "vendor"):
+            # keys (i - window, i] for query i: flash-attn's window_size counts keys to the left
+            window = (-1, -1) if self.window is None else (self.window - 1, 0)
+            y = backends.vendor_fn("flash_attn")(q, k, v, causal=True, window_size=window, softmax_scale=scale)
+        else:
+            y = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2), attn_mask=mask,
+                is_causal=causal, enable_gqa=self.n_kv_heads != self.n_heads, scale=scale).transpose(1, 2)
+        y = self.wo(y.reshape(b, t, self.n_heads * self.head_dim))
 
         if self.window is None:
             new_k, new_v = k_all, v_all
