@@ -73,31 +73,58 @@ def _aux_outputs(z: Tensor, c: int, max_lr: float, b_eta: Tensor, b_alpha: Tenso
     return k, v, eta, log_keep
 
 
-def _segment_update(W: Tensor, S: Tensor, W0: Tensor, E: Tensor, K: Tensor, eta: Tensor, log_keep: Tensor,
-                    log_mu: Tensor) -> tuple[Tensor, Tensor]:
-    """Apply a segment's updates in closed form.
+def _segment_coeffs(eta: Tensor, log_keep: Tensor, log_mu: Tensor) -> tuple[Tensor, ...]:
+    """The closed form's coefficients for segments along dim -2: eta, log_keep, log_mu [..., s, h].
+
+    Returns w_W, w_S [..., s, h] (weights of each token's gradient in the end W and S) and
+    cW0, cS0, cS [..., h] (factors of the start W - W0, of the start S in W, and of the start S in S).
+    They depend only on the gates, so a whole stream's chunks can be done in one call.
+    """
+    La, Lm = log_keep.cumsum(-2), log_mu.cumsum(-2)  # [..., s, h]
+    La_n, Lm_n = La[..., -1:, :], Lm[..., -1:, :]
+    X = La_n - La + Lm  # log of the factor carrying S_t to the segment end
+    s = eta.shape[-2]
+    # D[i, t] = exp(X_t - Lm_i) for t >= i
+    logD = X.transpose(-1, -2)[..., None, :] - Lm.transpose(-1, -2)[..., :, None]  # [..., h, s(i), s(t)]
+    upper = torch.ones(s, s, dtype=torch.bool, device=eta.device).triu()
+    D = torch.exp(logD.masked_fill(~upper, float("-inf")))
+    w_W = eta * D.sum(-1).transpose(-1, -2)
+    w_S = eta * torch.exp(Lm_n - Lm)
+    return w_W, w_S, torch.exp(La_n[..., 0, :]), torch.exp(X).sum(-2), torch.exp(Lm_n[..., 0, :])
+
+
+def _segment_apply(W: Tensor, S: Tensor, W0: Tensor, E: Tensor, K: Tensor, coeffs: tuple[Tensor, ...]
+                   ) -> tuple[Tensor, Tensor]:
+    """Apply a segment's updates in closed form (see the module docstring).
 
     W, S: [b, h, r, c]; W0: [h, r, c] resting point of the decay; E (errors at the anchor): [b, s, h, r];
-    K: [b, s, h, c];
-    eta, log_keep, log_mu: [b, s, h]. Returns (W, S) after the segment.
+    K: [b, s, h, c]; coeffs: `_segment_coeffs` of the segment. Returns (W, S) after the segment.
     """
-    La, Lm = log_keep.cumsum(1), log_mu.cumsum(1)  # [b, s, h]
-    La_n, Lm_n = La[:, -1:], Lm[:, -1:]
-    X = La_n - La + Lm  # [b, s(t), h]: log of the factor carrying S_t to the segment end
-    s = eta.shape[1]
-    # D[i, t] = exp(X_t - Lm_i) for t >= i
-    logD = X.transpose(1, 2)[:, :, None, :] - Lm.transpose(1, 2)[:, :, :, None]  # [b, h, s(i), s(t)]
-    upper = torch.ones(s, s, dtype=torch.bool, device=W.device).triu()
-    D = torch.exp(logD.masked_fill(~upper, float("-inf")))
-    w_W = eta * D.sum(-1).transpose(1, 2)  # [b, s, h]
-    w_S = eta * torch.exp(Lm_n - Lm)
-    gW = torch.einsum("bshr,bshc->bhrc", E * w_W[..., None], K)
-    gS = torch.einsum("bshr,bshc->bhrc", E * w_S[..., None], K)
-    cW0 = torch.exp(La_n[:, 0])[..., None, None]  # [b, h, 1, 1]
-    cS0 = torch.exp(X).sum(1)[..., None, None]
-    W_new = W0 + cW0 * (W - W0) + cS0 * S - gW
-    S_new = torch.exp(Lm_n[:, 0])[..., None, None] * S - gS
+    w_W, w_S, cW0, cS0, cS = coeffs
+    # both outer-product sums in one contraction: [2, b, h, r, c]
+    g = torch.einsum("wbshr,bshc->wbhrc", E * torch.stack((w_W, w_S))[..., None], K)
+    W_new = W0 + cW0[..., None, None] * (W - W0) + cS0[..., None, None] * S - g[0]
+    S_new = cS[..., None, None] * S - g[1]
     return W_new, S_new
+
+
+def _piece_coeffs(sizes: list[int], C: int, eta: Tensor, log_keep: Tensor, log_mu: Tensor) -> list[tuple]:
+    """`_segment_coeffs` of every piece of a segment cut by `chunk_pieces`: the whole chunks in one
+    batched call, a leading or trailing partial piece on its own."""
+    first = 1 if sizes and sizes[0] != C else 0
+    n_full = sum(1 for x in sizes[first:] if x == C)
+    out: list[tuple] = []
+    gates = (eta, log_keep, log_mu)
+    if first:
+        out.append(_segment_coeffs(*(x[:, : sizes[0]] for x in gates)))
+    if n_full:
+        a = sizes[0] if first else 0
+        b, h = eta.shape[0], eta.shape[-1]
+        full = _segment_coeffs(*(x[:, a : a + n_full * C].reshape(b, n_full, C, h) for x in gates))
+        out += list(zip(*(c.unbind(1) for c in full)))
+    if len(out) < len(sizes):
+        out.append(_segment_coeffs(*(x[:, t0:] for x, t0 in zip(gates, [sum(sizes[:-1])] * 3))))
+    return out
 
 
 def _check(xh: Tensor, q: Tensor, log_mu: Tensor, state: dict, chunk_size: int, aux_chunk_size: int) -> int:
@@ -148,7 +175,7 @@ def selfmod_scan(xh: Tensor, q: Tensor, log_mu: Tensor, b_eta: Tensor, b_alpha: 
         z = torch.einsum("bshc,bhrc->bshr", x_s, A)
         k, v, eta, lk = _aux_outputs(z, c, max_lr, b_eta, b_alpha)
         E = torch.einsum("bshc,bhrc->bshr", k - v, A)  # A k - A v: error against the self-generated target
-        W, S = _segment_update(W, S, aux_init, E, k, eta, lk, lmu_s)
+        W, S = _segment_apply(W, S, aux_init, E, k, _segment_coeffs(eta, lk, lmu_s))
         ks.append(k), vs.append(v), etas.append(eta), lks.append(lk)
     new = {"aux_W": W, "aux_A": A, "aux_S": S}
     if t:
@@ -156,16 +183,27 @@ def selfmod_scan(xh: Tensor, q: Tensor, log_mu: Tensor, b_eta: Tensor, b_alpha: 
     W, A, S = state["mem_W"], state["mem_A"], state["mem_S"]
     outs = []
     sizes, fresh = chunk_pieces(p0, t, chunk_size)
-    pieces = (x.split(sizes, 1) for x in (q, k, v, eta, lk, log_mu)) if t else ()
-    for (q_s, k_s, v_s, eta_s, lk_s, lmu_s), fresh_s in zip(zip(*pieces), fresh):
+    # the main memory's gates are all known here: every chunk's coefficients at once
+    coeffs = _piece_coeffs(sizes, chunk_size, eta, lk, log_mu) if t else []
+    pieces = (x.split(sizes, 1) for x in (q, k, v)) if t else ()
+    for (q_s, k_s, v_s), co, fresh_s in zip(zip(*pieces), coeffs, fresh):
         if fresh_s:
             A = W
         outs.append(torch.einsum("bshc,bhrc->bshr", q_s, A))
         E = torch.einsum("bshc,bhrc->bshr", k_s, A) - v_s
-        W, S = _segment_update(W, S, mem_init, E, k_s, eta_s, lk_s, lmu_s)
+        W, S = _segment_apply(W, S, mem_init, E, k_s, co)
     new.update(mem_W=W, mem_A=A, mem_S=S, pos=pos + t)
     o = torch.cat(outs, 1) if outs else q.new_zeros(b, 0, *q.shape[2:])
     return o, new
+
+
+def _apply(M: Tensor, x: Tensor) -> Tensor:
+    """M x per batch row and head: M [b, h, r, c], x [b, h, c] -> [b, h, r].
+
+    matmul, not einsum: einsum copies M into its own layout and autograd would keep that copy for
+    every token of the loop.
+    """
+    return (M @ x[..., None])[..., 0]
 
 
 def selfmod_scan_ref(xh: Tensor, q: Tensor, log_mu: Tensor, b_eta: Tensor, b_alpha: Tensor, aux_init: Tensor,
@@ -183,17 +221,20 @@ def selfmod_scan_ref(xh: Tensor, q: Tensor, log_mu: Tensor, b_eta: Tensor, b_alp
     for x_i, q_i, lmu_i in zip(xh.unbind(1), q.unbind(1), log_mu.unbind(1)):
         pos = st["pos"]
         for name, C in (("aux", aux_chunk_size), ("mem", chunk_size)):
-            refresh = (pos % C == 0)[:, None, None, None]
-            st[f"{name}_A"] = torch.where(refresh, st[f"{name}_W"], st[f"{name}_A"])
+            refresh = pos % C == 0
+            if bool(refresh.all()):  # no copy when every row is at a chunk start (the usual case)
+                st[f"{name}_A"] = st[f"{name}_W"]
+            elif bool(refresh.any()):
+                st[f"{name}_A"] = torch.where(refresh[:, None, None, None], st[f"{name}_W"], st[f"{name}_A"])
         mu = lmu_i.exp()[..., None, None]  # [b, h, 1, 1]
         Aa, Am = st["aux_A"], st["mem_A"]
-        z = torch.einsum("bhc,bhrc->bhr", x_i, Aa)
+        z = _apply(Aa, x_i)
         k, v, eta, lk = _aux_outputs(z, c, max_lr, b_eta, b_alpha)
         keep, eta = lk.exp()[..., None, None], eta[..., None, None]
-        outs.append(torch.einsum("bhc,bhrc->bhr", q_i, Am))
-        targets = {"aux": torch.einsum("bhc,bhrc->bhr", v, Aa), "mem": v}
+        outs.append(_apply(Am, q_i))
+        targets = {"aux": _apply(Aa, v), "mem": v}
         for name, A in (("aux", Aa), ("mem", Am)):
-            err = torch.einsum("bhc,bhrc->bhr", k, A) - targets[name]
+            err = _apply(A, k) - targets[name]
             g = err[..., :, None] * k[..., None, :]
             st[f"{name}_S"] = mu * st[f"{name}_S"] - eta * g
             st[f"{name}_W"] = init[name] + keep * (st[f"{name}_W"] - init[name]) + st[f"{name}_S"]
