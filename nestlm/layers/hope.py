@@ -50,7 +50,8 @@ def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     w = weight.shape[1]
     xp = torch.cat([prev.to(x.dtype), x], 1)
     t = x.shape[1]
-    y = bias.to(x.dtype) + sum(xp[:, j:j + t] * weight[:, j].to(x.dtype) for j in range(w))
+    wt = weight.t().to(x.dtype).contiguous()  # rows contiguous: a strided weight column vectorises poorly
+    y = bias.to(x.dtype) + sum(xp[:, j:j + t] * wt[j] for j in range(w))
     return y, xp[:, xp.shape[1] - (w - 1):]
 
 

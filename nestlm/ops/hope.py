@@ -51,6 +51,8 @@ differentiable in every input, including through the inner gradients (second ord
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -66,11 +68,25 @@ def l2norm(x: Tensor) -> Tensor:
 
 def _aux_outputs(z: Tensor, c: int, max_lr: float, b_eta: Tensor, b_alpha: Tensor):
     """z [..., h, 2c+2] -> k, v [..., h, c], eta [..., h], log(1 - alpha) [..., h]."""
-    k = l2norm(z[..., :c])
-    v = l2norm(z[..., c:2 * c])
+    k, v = l2norm(z[..., : 2 * c].unflatten(-1, (2, c))).unbind(-2)  # one pass for both
     eta = max_lr * torch.sigmoid(z[..., 2 * c] + b_eta)
     log_keep = F.logsigmoid(-(z[..., 2 * c + 1] + b_alpha))
     return k, v, eta, log_keep
+
+
+@functools.lru_cache(maxsize=64)
+def _strictly_lower(s: int, device: torch.device) -> Tensor:
+    """[s, s] mask of i > t (the entries of D that are zero), cached: built once per chunk size."""
+    return torch.ones(s, s, dtype=torch.bool, device=device).tril(-1)
+
+
+def _read(M: Tensor, x: Tensor) -> Tensor:
+    """M x for every token of a segment: M [b, h, r, c], x [b, s, h, c] -> contiguous [b, s, h, r].
+
+    Contiguous on purpose: einsum returns a permuted view here, and the elementwise ops that follow
+    run ~10x slower on CPU when their operands' strides differ.
+    """
+    return (x.transpose(1, 2) @ M.transpose(-1, -2)).transpose(1, 2).contiguous()
 
 
 def _segment_coeffs(eta: Tensor, log_keep: Tensor, log_mu: Tensor) -> tuple[Tensor, ...]:
@@ -86,8 +102,7 @@ def _segment_coeffs(eta: Tensor, log_keep: Tensor, log_mu: Tensor) -> tuple[Tens
     s = eta.shape[-2]
     # D[i, t] = exp(X_t - Lm_i) for t >= i
     logD = X.transpose(-1, -2)[..., None, :] - Lm.transpose(-1, -2)[..., :, None]  # [..., h, s(i), s(t)]
-    upper = torch.ones(s, s, dtype=torch.bool, device=eta.device).triu()
-    D = torch.exp(logD.masked_fill(~upper, float("-inf")))
+    D = torch.exp(logD.masked_fill(_strictly_lower(s, eta.device), float("-inf")))
     w_W = eta * D.sum(-1).transpose(-1, -2)
     w_S = eta * torch.exp(Lm_n - Lm)
     return w_W, w_S, torch.exp(La_n[..., 0, :]), torch.exp(X).sum(-2), torch.exp(Lm_n[..., 0, :])
@@ -101,10 +116,13 @@ def _segment_apply(W: Tensor, S: Tensor, W0: Tensor, E: Tensor, K: Tensor, coeff
     K: [b, s, h, c]; coeffs: `_segment_coeffs` of the segment. Returns (W, S) after the segment.
     """
     w_W, w_S, cW0, cS0, cS = coeffs
-    # both outer-product sums in one contraction: [2, b, h, r, c]
-    g = torch.einsum("wbshr,bshc->wbhrc", E * torch.stack((w_W, w_S))[..., None], K)
-    W_new = W0 + cW0[..., None, None] * (W - W0) + cS0[..., None, None] * S - g[0]
-    S_new = cS[..., None, None] * S - g[1]
+    # matmul with a contiguous [b, h, r, c] result: einsum may return a permuted view, and the
+    # elementwise updates below run ~10x slower on CPU when their operands' strides differ
+    Kt = K.transpose(1, 2)  # [b, h, s, c]
+    gW = (E * w_W[..., None]).permute(0, 2, 3, 1) @ Kt
+    gS = (E * w_S[..., None]).permute(0, 2, 3, 1) @ Kt
+    W_new = W0 + cW0[..., None, None] * (W - W0) + cS0[..., None, None] * S - gW
+    S_new = cS[..., None, None] * S - gS
     return W_new, S_new
 
 
@@ -172,9 +190,9 @@ def selfmod_scan(xh: Tensor, q: Tensor, log_mu: Tensor, b_eta: Tensor, b_alpha: 
     for x_s, lmu_s, fresh_s in zip(xh.split(sizes, 1), log_mu.split(sizes, 1), fresh):
         if fresh_s:
             A = W
-        z = torch.einsum("bshc,bhrc->bshr", x_s, A)
+        z = _read(A, x_s)
         k, v, eta, lk = _aux_outputs(z, c, max_lr, b_eta, b_alpha)
-        E = torch.einsum("bshc,bhrc->bshr", k - v, A)  # A k - A v: error against the self-generated target
+        E = _read(A, k - v)  # A k - A v: error against the self-generated target
         W, S = _segment_apply(W, S, aux_init, E, k, _segment_coeffs(eta, lk, lmu_s))
         ks.append(k), vs.append(v), etas.append(eta), lks.append(lk)
     new = {"aux_W": W, "aux_A": A, "aux_S": S}
@@ -189,8 +207,8 @@ def selfmod_scan(xh: Tensor, q: Tensor, log_mu: Tensor, b_eta: Tensor, b_alpha: 
     for (q_s, k_s, v_s), co, fresh_s in zip(zip(*pieces), coeffs, fresh):
         if fresh_s:
             A = W
-        outs.append(torch.einsum("bshc,bhrc->bshr", q_s, A))
-        E = torch.einsum("bshc,bhrc->bshr", k_s, A) - v_s
+        outs.append(_read(A, q_s))
+        E = _read(A, k_s) - v_s
         W, S = _segment_apply(W, S, mem_init, E, k_s, co)
     new.update(mem_W=W, mem_A=A, mem_S=S, pos=pos + t)
     o = torch.cat(outs, 1) if outs else q.new_zeros(b, 0, *q.shape[2:])
