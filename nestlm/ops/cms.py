@@ -91,8 +91,9 @@ def cms_scan_ref(u: Tensor, k: Tensor, v: Tensor, eta: Tensor, W: Tensor, G: Ten
     ys = []
     # unbind, not indexing: the backward of every index would fill a full-length zero tensor
     for u_i, k_i, v_i, eta_i in zip(u.unbind(1), k.unbind(1), v.unbind(1), eta.unbind(1)):
-        ys.append(torch.einsum("bn,bnd->bd", u_i, W))
-        err = torch.einsum("bn,bnd->bd", k_i, W) - v_i
+        # matmul, not einsum: einsum copies W into its own layout on every call
+        ys.append((u_i[:, None, :] @ W)[:, 0])
+        err = (k_i[:, None, :] @ W)[:, 0] - v_i
         G = G + eta_i[:, None, None] * k_i[:, :, None] * err[:, None, :]
         pos = pos + 1
         done = (pos % period == 0)[:, None, None]

@@ -126,23 +126,47 @@ def _segment_apply(W: Tensor, S: Tensor, W0: Tensor, E: Tensor, K: Tensor, coeff
     return W_new, S_new
 
 
+def _groups(sizes: list[int], C: int) -> list[int]:
+    """Lengths of [leading partial piece, all whole chunks, trailing partial piece] (zeros dropped)
+    of a segment cut by `chunk_pieces`: the parts that batch together."""
+    first = sizes[0] if sizes and sizes[0] != C else 0
+    full = C * sum(1 for x in sizes[1 if first else 0:] if x == C)
+    return [g for g in (first, full, sum(sizes) - first - full) if g]
+
+
 def _piece_coeffs(sizes: list[int], C: int, eta: Tensor, log_keep: Tensor, log_mu: Tensor) -> list[tuple]:
     """`_segment_coeffs` of every piece of a segment cut by `chunk_pieces`: the whole chunks in one
     batched call, a leading or trailing partial piece on its own."""
-    first = 1 if sizes and sizes[0] != C else 0
-    n_full = sum(1 for x in sizes[first:] if x == C)
     out: list[tuple] = []
-    gates = (eta, log_keep, log_mu)
-    if first:
-        out.append(_segment_coeffs(*(x[:, : sizes[0]] for x in gates)))
-    if n_full:
-        a = sizes[0] if first else 0
-        b, h = eta.shape[0], eta.shape[-1]
-        full = _segment_coeffs(*(x[:, a : a + n_full * C].reshape(b, n_full, C, h) for x in gates))
-        out += list(zip(*(c.unbind(1) for c in full)))
-    if len(out) < len(sizes):
-        out.append(_segment_coeffs(*(x[:, t0:] for x, t0 in zip(gates, [sum(sizes[:-1])] * 3))))
+    groups = _groups(sizes, C)
+    for g, e, lk, lm in zip(groups, *(x.split(groups, 1) for x in (eta, log_keep, log_mu))):
+        if sizes[len(out)] == C:  # the whole chunks: [b, n, C, h]
+            b, h = e.shape[0], e.shape[-1]
+            full = _segment_coeffs(*(x.reshape(b, g // C, C, h) for x in (e, lk, lm)))
+            out += list(zip(*(c.unbind(1) for c in full)))
+        else:
+            out.append(_segment_coeffs(e, lk, lm))
     return out
+
+
+def _read_pieces(anchors: list[Tensor], q: Tensor, sizes: list[int], C: int) -> Tensor:
+    """Every piece's read (anchor of its chunk times q_t), whole chunks in one batched matmul.
+
+    anchors: one [b, h, r, c] per piece; q: [b, t, h, c] -> [b, t, h, r]."""
+    outs, i = [], 0
+    groups = _groups(sizes, C)
+    for g, q_g in zip(groups, q.split(groups, 1)):
+        if g % C == 0 and sizes[i] == C:
+            n = g // C
+            A = torch.stack(anchors[i:i + n], 1)  # [b, n, h, r, c]
+            b, _, h, c = q_g.shape
+            y = q_g.view(b, n, C, h, c).transpose(2, 3) @ A.transpose(-1, -2)  # [b, n, h, C, r]
+            outs.append(y.transpose(2, 3).reshape(b, g, h, -1))
+            i += n
+        else:
+            outs.append(_read(anchors[i], q_g))
+            i += 1
+    return torch.cat(outs, 1)
 
 
 def _check(xh: Tensor, q: Tensor, log_mu: Tensor, state: dict, chunk_size: int, aux_chunk_size: int) -> int:
@@ -199,27 +223,27 @@ def selfmod_scan(xh: Tensor, q: Tensor, log_mu: Tensor, b_eta: Tensor, b_alpha: 
     if t:
         k, v, eta, lk = (torch.cat(x, 1) for x in (ks, vs, etas, lks))
     W, A, S = state["mem_W"], state["mem_A"], state["mem_S"]
-    outs = []
+    anchors = []
     sizes, fresh = chunk_pieces(p0, t, chunk_size)
     # the main memory's gates are all known here: every chunk's coefficients at once
     coeffs = _piece_coeffs(sizes, chunk_size, eta, lk, log_mu) if t else []
-    pieces = (x.split(sizes, 1) for x in (q, k, v)) if t else ()
-    for (q_s, k_s, v_s), co, fresh_s in zip(zip(*pieces), coeffs, fresh):
+    pieces = (x.split(sizes, 1) for x in (k, v)) if t else ()
+    for (k_s, v_s), co, fresh_s in zip(zip(*pieces), coeffs, fresh):
         if fresh_s:
             A = W
-        outs.append(_read(A, q_s))
+        anchors.append(A)
         E = _read(A, k_s) - v_s
         W, S = _segment_apply(W, S, mem_init, E, k_s, co)
     new.update(mem_W=W, mem_A=A, mem_S=S, pos=pos + t)
-    o = torch.cat(outs, 1) if outs else q.new_zeros(b, 0, *q.shape[2:])
+    # reads after the loop: every chunk reads its anchor, so whole chunks batch into one matmul
+    o = _read_pieces(anchors, q, sizes, chunk_size) if t else q.new_zeros(b, 0, *q.shape[2:])
     return o, new
 
 
 def _apply(M: Tensor, x: Tensor) -> Tensor:
     """M x per batch row and head: M [b, h, r, c], x [b, h, c] -> [b, h, r].
 
-    matmul, not einsum: einsum copies M into its own layout and autograd would keep that copy for
-    every token of the loop.
+    matmul, not einsum: einsum copies M into its own layout on every call.
     """
     return (M @ x[..., None])[..., 0]
 
