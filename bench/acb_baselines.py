@@ -31,6 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from a checkout
 PRESETS = "transformer,swa-transformer,mamba2,samba,hope-hybrid"
+DEFAULT_PATHS = {"runs": "runs/acb-baselines", "results": "bench/results/acb_baselines",
+                 "md": "docs/results/acb-cpu.md"}
 
 
 def run(cmd: list[str], log: Path, threads: int) -> float:
@@ -165,7 +167,10 @@ def write_markdown(results: list[dict], a: argparse.Namespace, path: Path) -> No
               f"python bench/acb_baselines.py --presets {a.presets} --steps {a.steps} --warmup {a.warmup} "
               f"--episodes {a.episodes} --horizons {a.horizons}"
               + (f" --long-horizons {a.long_horizons} --long-envs {a.long_envs} --long-episodes {a.long_episodes}"
-                 if a.long_horizons else "") + "", "```", "", "Per preset, that runs:", ""]
+                 if a.long_horizons else "")
+              + "".join(f" --{k} {v}" for k, v in (("runs", a.runs), ("results", a.results), ("md", a.md))
+                        if v != DEFAULT_PATHS[k]),
+              "```", "", "Per preset, that runs:", ""]
     for r in results:
         lines += ["```bash"] + [c.replace(sys.executable, "python") for c in r["commands"]] + ["```"]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -187,9 +192,9 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=1, help="presets run at the same time")
     p.add_argument("--threads", type=int, default=2, help="torch / OpenMP threads of each training and eval process")
     # paths are relative to the repository root (the commands run there)
-    p.add_argument("--runs", default="runs/acb-baselines")
-    p.add_argument("--results", default="bench/results/acb_baselines")
-    p.add_argument("--md", default="docs/results/acb-cpu.md")
+    p.add_argument("--runs", default=DEFAULT_PATHS["runs"])
+    p.add_argument("--results", default=DEFAULT_PATHS["results"])
+    p.add_argument("--md", default=DEFAULT_PATHS["md"])
     p.add_argument("--force", action="store_true", help="retrain and re-evaluate finished presets")
     a = p.parse_args()
     os.chdir(ROOT)
