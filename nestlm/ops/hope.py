@@ -156,7 +156,7 @@ def _read_pieces(anchors: list[Tensor], q: Tensor, sizes: list[int], C: int) -> 
     outs, i = [], 0
     groups = _groups(sizes, C)
     for g, q_g in zip(groups, q.split(groups, 1)):
-        if g % C == 0 and sizes[i] == C:
+        if sizes[i] == C:  # the whole chunks
             n = g // C
             A = torch.stack(anchors[i:i + n], 1)  # [b, n, h, r, c]
             b, _, h, c = q_g.shape
