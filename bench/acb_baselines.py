@@ -85,7 +85,8 @@ def one_preset(preset: str, a: argparse.Namespace) -> dict:
     losses = [json.loads(line) for line in (run_dir / "losses.jsonl").read_text().splitlines() if line.strip()]
     result = {"preset": preset, "steps": a.steps, "train_seconds": t_train, "eval_seconds": t_short + t_long,
               "final_loss": losses[-1]["loss"] if losses else None, "reports": reports,
-              "commands": [shlex.join(c) for c in cmds],
+              # recorded as `python -m nestlm ...`: the interpreter path is this machine's, not the recipe
+              "commands": [shlex.join(["python", *c[1:]]) for c in cmds],
               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     out.write_text(json.dumps(result, indent=2) + "\n")
     return result
@@ -172,7 +173,7 @@ def write_markdown(results: list[dict], a: argparse.Namespace, path: Path) -> No
                         if v != DEFAULT_PATHS[k]),
               "```", "", "Per preset, that runs:", ""]
     for r in results:
-        lines += ["```bash"] + [c.replace(sys.executable, "python") for c in r["commands"]] + ["```"]
+        lines += ["```bash", *r["commands"], "```"]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
 
