@@ -224,9 +224,11 @@ def _selective_scan_torch(
     z = None if z is None else dense(z)
     delta_ = _prepare_delta(delta, delta_bias, delta_softplus, cd)
     h0 = u.new_zeros(b, d, n, dtype=cd) if initial_state is None else initial_state.to(cd)
-    y, last = _ChunkedScan.apply(
-        u.to(cd), delta_, A.to(cd), _grouped(B).to(cd), _grouped(C).to(cd), h0, chunk
-    )
+    # the scan runs in the compute dtype whatever autocast says
+    with torch.autocast(device_type=u.device.type, enabled=False):
+        y, last = _ChunkedScan.apply(
+            u.to(cd), delta_, A.to(cd), _grouped(B).to(cd), _grouped(C).to(cd), h0, chunk
+        )
     out = _finish(y, u, D, z, u.dtype)
     return (out, last) if return_last_state else out
 

@@ -9,7 +9,8 @@ Per head h with scalar decay A[h] < 0 and state S [p, n]:
 Same signature and semantics as mamba_ssm.ops.triton.ssd_combined.mamba_chunk_scan_combined.
 B and C are shared by the heads of a group: head i reads group i // (nheads // ngroups).
 
-The chunked algorithm splits time into chunks of `chunk_size`:
+The chunked algorithm splits time into chunks of `chunk_size` tokens (on CPU at most
+CPU_MAX_CHUNK, see there):
   1. inside a chunk, outputs are a masked "attention" (C B^T) * L with L[t, s] = exp(sum_{s<r<=t} dt_r A)
      built from within-chunk cumulative log decays (exp of non-positive numbers only);
   2. each chunk's own contribution to the state at its end, in one matmul;
@@ -181,10 +182,17 @@ def _pad(t: torch.Tensor, pad: tuple[int, ...]) -> torch.Tensor:
     return t if not any(pad) else F.pad(t, pad)
 
 
+# On CPU, step 1's [c, c] work per token grows with c while the chunk loop of step 3 is cheap:
+# fwd+bwd at b=2, h=8, p=32, n=16, L=4096 took 77 / 63 / 47 / 61 / 110 / 254 ms (median of 9) at
+# c = 8 / 16 / 32 / 64 / 128 / 256 (bench/ops_cpu.py shape, 2 threads). chunk_size is the GPU kernels' tile (Mamba-2
+# configs use 256), so the CPU path caps it; the result does not depend on the chunk.
+CPU_MAX_CHUNK = 32
+
+
 def _ssd_torch(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_softplus, return_final_states):
     b, length, h, p, g, n = _check(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states)
     cd = backends.compute_dtype(x, dt, A, B, C, initial_states)
-    c = chunk_size
+    c = min(chunk_size, CPU_MAX_CHUNK) if x.device.type == "cpu" else chunk_size
     pad = max(1, -(-length // c)) * c - length
     dt_ = _prepare_dt(dt, dt_bias, dt_softplus, cd)
     # Padded steps have dt = 0: decay 1 and no input, so the state passes through unchanged.
@@ -195,7 +203,9 @@ def _ssd_torch(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_sof
         S0 = xdt.new_zeros(b, h, p, n)
     else:
         S0 = initial_states.to(cd)
-    y, state = _ChunkedSSD.apply(_pad(C.to(cd), pad3), _pad(B.to(cd), pad3), xdt, dt_ * A.to(cd), S0, c)
+    # the scan runs in the compute dtype whatever autocast says
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        y, state = _ChunkedSSD.apply(_pad(C.to(cd), pad3), _pad(B.to(cd), pad3), xdt, dt_ * A.to(cd), S0, c)
     y = y[:, :length]
     out = _finish(y, x, D, z, x.dtype)
     if not return_final_states:
