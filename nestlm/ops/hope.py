@@ -92,8 +92,8 @@ def _read(M: Tensor, x: Tensor) -> Tensor:
 def _segment_coeffs(eta: Tensor, log_keep: Tensor, log_mu: Tensor) -> tuple[Tensor, ...]:
     """The closed form's coefficients for segments along dim -2: eta, log_keep, log_mu [..., s, h].
 
-    Returns w_W, w_S [..., s, h] (weights of each token's gradient in the end W and S) and
-    cW0, cS0, cS [..., h] (factors of the start W - W0, of the start S in W, and of the start S in S).
+    Returns m_W, m_S [..., h, s] (minus the weights of each token's gradient in the end D and S) and
+    cD, cSD, cS [..., h, 1, 1] (factors of the start D, of the start S in D, and of the start S in S).
     They depend only on the gates, so a whole stream's chunks can be done in one call.
     """
     La, Lm = log_keep.cumsum(-2), log_mu.cumsum(-2)  # [..., s, h]
@@ -103,27 +103,27 @@ def _segment_coeffs(eta: Tensor, log_keep: Tensor, log_mu: Tensor) -> tuple[Tens
     # D[i, t] = exp(X_t - Lm_i) for t >= i
     logD = X.transpose(-1, -2)[..., None, :] - Lm.transpose(-1, -2)[..., :, None]  # [..., h, s(i), s(t)]
     D = torch.exp(logD.masked_fill(_strictly_lower(s, eta.device), float("-inf")))
-    w_W = eta * D.sum(-1).transpose(-1, -2)
-    w_S = eta * torch.exp(Lm_n - Lm)
-    return w_W, w_S, torch.exp(La_n[..., 0, :]), torch.exp(X).sum(-2), torch.exp(Lm_n[..., 0, :])
+    etat = eta.transpose(-1, -2)
+    m_W = -etat * D.sum(-1)
+    m_S = -etat * torch.exp(Lm_n - Lm).transpose(-1, -2)
+    return (m_W, m_S, torch.exp(La_n[..., 0, :])[..., None, None], torch.exp(X).sum(-2)[..., None, None],
+            torch.exp(Lm_n[..., 0, :])[..., None, None])
 
 
-def _segment_apply(W: Tensor, S: Tensor, W0: Tensor, E: Tensor, K: Tensor, coeffs: tuple[Tensor, ...]
-                   ) -> tuple[Tensor, Tensor]:
+def _segment_apply(D: Tensor, S: Tensor, E: Tensor, K: Tensor, coeffs: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
     """Apply a segment's updates in closed form (see the module docstring).
 
-    W, S: [b, h, r, c]; W0: [h, r, c] resting point of the decay; E (errors at the anchor): [b, s, h, r];
-    K: [b, s, h, c]; coeffs: `_segment_coeffs` of the segment. Returns (W, S) after the segment.
+    D = W - W0, S: [b, h, r, c]; E (errors at the anchor): [b, s, h, r]; K: [b, s, h, c]; coeffs:
+    `_segment_coeffs` of the segment. Returns (D, S) after the segment.
+
+    The deviation D, not W, is carried through the loop, the token weights scale K (c <= r
+    columns) and carry their sign: each update is then two fused multiply-adds on the state.
     """
-    w_W, w_S, cW0, cS0, cS = coeffs
-    # matmul with a contiguous [b, h, r, c] result: einsum may return a permuted view, and the
-    # elementwise updates below run ~10x slower on CPU when their operands' strides differ
-    Kt = K.transpose(1, 2)  # [b, h, s, c]
-    gW = (E * w_W[..., None]).permute(0, 2, 3, 1) @ Kt
-    gS = (E * w_S[..., None]).permute(0, 2, 3, 1) @ Kt
-    W_new = W0 + cW0[..., None, None] * (W - W0) + cS0[..., None, None] * S - gW
-    S_new = cS[..., None, None] * S - gS
-    return W_new, S_new
+    m_W, m_S, cD, cSD, cS = coeffs
+    Et, Kt = E.permute(0, 2, 3, 1), K.transpose(1, 2)  # [b, h, r, s], [b, h, s, c]
+    D_new = torch.addcmul(torch.addcmul(Et @ (Kt * m_W[..., None]), cD, D), cSD, S)
+    S_new = torch.addcmul(Et @ (Kt * m_S[..., None]), cS, S)
+    return D_new, S_new
 
 
 def _groups(sizes: list[int], C: int) -> list[int]:
@@ -208,21 +208,22 @@ def selfmod_scan(xh: Tensor, q: Tensor, log_mu: Tensor, b_eta: Tensor, b_alpha: 
     dt = state["mem_W"].dtype
     xh, q, log_mu, b_eta, b_alpha, aux_init, mem_init = (
         x.to(dt) for x in (xh, q, log_mu, b_eta, b_alpha, aux_init, mem_init))
-    W, A, S = state["aux_W"], state["aux_A"], state["aux_S"]
+    # the loops carry D = W - W0 (see _segment_apply); a chunk's anchor is W0 + D at its start
+    D, A, S = state["aux_W"] - aux_init, state["aux_A"], state["aux_S"]
     ks, vs, etas, lks = [], [], [], []
     sizes, fresh = chunk_pieces(p0, t, aux_chunk_size)
     for x_s, lmu_s, fresh_s in zip(xh.split(sizes, 1), log_mu.split(sizes, 1), fresh):
         if fresh_s:
-            A = W
+            A = D + aux_init
         z = _read(A, x_s)
         k, v, eta, lk = _aux_outputs(z, c, max_lr, b_eta, b_alpha)
         E = _read(A, k - v)  # A k - A v: error against the self-generated target
-        W, S = _segment_apply(W, S, aux_init, E, k, _segment_coeffs(eta, lk, lmu_s))
+        D, S = _segment_apply(D, S, E, k, _segment_coeffs(eta, lk, lmu_s))
         ks.append(k), vs.append(v), etas.append(eta), lks.append(lk)
-    new = {"aux_W": W, "aux_A": A, "aux_S": S}
+    new = {"aux_W": D + aux_init, "aux_A": A, "aux_S": S}
     if t:
         k, v, eta, lk = (torch.cat(x, 1) for x in (ks, vs, etas, lks))
-    W, A, S = state["mem_W"], state["mem_A"], state["mem_S"]
+    D, A, S = state["mem_W"] - mem_init, state["mem_A"], state["mem_S"]
     anchors = []
     sizes, fresh = chunk_pieces(p0, t, chunk_size)
     # the main memory's gates are all known here: every chunk's coefficients at once
@@ -230,11 +231,11 @@ def selfmod_scan(xh: Tensor, q: Tensor, log_mu: Tensor, b_eta: Tensor, b_alpha: 
     pieces = (x.split(sizes, 1) for x in (k, v)) if t else ()
     for (k_s, v_s), co, fresh_s in zip(zip(*pieces), coeffs, fresh):
         if fresh_s:
-            A = W
+            A = D + mem_init
         anchors.append(A)
         E = _read(A, k_s) - v_s
-        W, S = _segment_apply(W, S, mem_init, E, k_s, co)
-    new.update(mem_W=W, mem_A=A, mem_S=S, pos=pos + t)
+        D, S = _segment_apply(D, S, E, k_s, co)
+    new.update(mem_W=D + mem_init, mem_A=A, mem_S=S, pos=pos + t)
     # reads after the loop: every chunk reads its anchor, so whole chunks batch into one matmul
     o = _read_pieces(anchors, q, sizes, chunk_size) if t else q.new_zeros(b, 0, *q.shape[2:])
     return o, new
