@@ -4,7 +4,8 @@ layers against transformers' mixers, from bench/ops_cpu_layers.py).
 Ops section: forward + backward (loss = sum(out * w) + sum(state * w'), gradients for every input)
 of each fast path and its `*_ref`, fp32, default torch threads, wall and process CPU time:
     selective_scan  b=2, d=256, n=16            (B, C [b, n, l]; D, z, delta_bias, softplus)
-    ssd_scan        b=2, h=8, p=32, n=16, g=1, chunk 64   (D, z, dt_bias, softplus)
+    ssd_scan        b=2, h=8, p=32, n=16, g=1, chunk_size 64 (D, z, dt_bias, softplus; the CPU
+                    path tiles by min(chunk_size, nestlm.ops.ssd.CPU_MAX_CHUNK) = 32)
     causal_conv1d   b=2, d=256, w=4             (bias, silu)
 at L in --lengths. The fast path is timed --repeats times (median and best stored); the reference
 --ref-repeats times, once at L >= 4096 (it is slow). Both sides run on the same inputs.
@@ -123,7 +124,7 @@ def _call_conv(fn: Callable, args: list[torch.Tensor], kw: dict):
 OPS = {
     "selective_scan": ("b=2 d=256 n=16", _inputs_selective_scan, _call_selective_scan, selective_scan,
                        selective_scan_ref),
-    "ssd_scan": ("b=2 h=8 p=32 n=16 chunk=64", _inputs_ssd, _call_ssd, ssd_scan, ssd_scan_ref),
+    "ssd_scan": ("b=2 h=8 p=32 n=16 chunk_size=64", _inputs_ssd, _call_ssd, ssd_scan, ssd_scan_ref),
     "causal_conv1d": ("b=2 d=256 w=4", _inputs_conv, _call_conv, causal_conv1d, causal_conv1d_ref),
 }
 

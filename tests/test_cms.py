@@ -157,3 +157,28 @@ def test_long_fp32_stream_at_max_lr_stays_finite():
             assert torch.isfinite(y).all()
     assert all(torch.isfinite(v.float()).all() for v in state.values())
     assert top < 1e3
+
+
+@pytest.mark.parametrize("p0,t,period", [(0, 37, 5), (3, 37, 5), (3, 2, 5), (4, 1, 5), (2, 16, 16), (7, 9, 1)])
+def test_op_gradients_from_an_open_period(p0, t, period):
+    """cms_scan == cms_scan_ref in fp64 from a state inside a period (G != 0), every input's gradient."""
+    g = torch.Generator().manual_seed(p0 * 100 + t)
+    b, n, d = 2, 6, 5
+
+    def rnd(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=g, dtype=torch.float64)).requires_grad_(True)
+
+    u, k, v = rnd(b, t, n), rnd(b, t, n), rnd(b, t, d)
+    eta = (0.1 * torch.rand(b, t, generator=g, dtype=torch.float64)).requires_grad_(True)
+    W = rnd(b, n, d)
+    G = rnd(b, n, d, scale=0.0 if p0 % period == 0 else 0.3)  # zero at a period boundary
+    pos = torch.full((b,), p0, dtype=torch.long)
+    out1, out2 = cms_scan(u, k, v, eta, W, G, pos, period), cms_scan_ref(u, k, v, eta, W, G, pos, period)
+    for a, r in zip(out1, out2):
+        assert torch.allclose(a, r, rtol=1e-11, atol=1e-13)
+    ws = [torch.randn(x.shape, generator=g, dtype=torch.float64) for x in out1[:3]]
+    inputs = (u, k, v, eta, W, G)
+    g1 = torch.autograd.grad(sum((o * w).sum() for o, w in zip(out1[:3], ws)), inputs)
+    g2 = torch.autograd.grad(sum((o * w).sum() for o, w in zip(out2[:3], ws)), inputs)
+    for name, a, r in zip("u k v eta W G".split(), g1, g2):
+        assert torch.allclose(a, r, rtol=1e-9, atol=1e-12), name

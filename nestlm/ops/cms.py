@@ -15,7 +15,8 @@ weights as of its period start (it never sees its own period's writes). A period
 end of a call stays open in the state: G holds the gradient accumulated so far and `pos` the number
 of tokens consumed, so feeding a sequence in pieces equals one call.
 
-`cms_scan` is the chunked path (one batched computation per period, a Python loop over periods);
+`cms_scan` is the chunked path (one batched computation per period, a Python loop over periods,
+and a hand-written backward);
 `cms_scan_ref` is the plain token loop that applies the same rule, the oracle for tests. Both are
 differentiable in every input (the inner gradient is written out, so the outer gradient flows
 through it: second order).
@@ -43,6 +44,80 @@ def _check(u: Tensor, k: Tensor, v: Tensor, eta: Tensor, W: Tensor, G: Tensor, p
         raise ValueError(f"cms_scan: period must be a positive int, got {period!r}")
 
 
+class _PeriodScan(torch.autograd.Function):
+    """The period loop of `cms_scan` with a hand-written backward.
+
+    u, k: [b, t, n]; v: [b, t, d]; eta: [b, t]; W, G: [b, n, d]; pieces: lengths cutting t at period
+    ends; r0: tokens of the first piece's period consumed before this call. Returns (y, W, G).
+
+    Why by hand: per piece, reads and keys hit the same W_p, so [u; k] W_p is one matmul forward
+    and backward, and the gradient of W_p accumulates in place across pieces; autograd runs two
+    matmuls for each of the three and copies the W gradient at every accumulation.
+    """
+
+    @staticmethod
+    def forward(ctx, u, k, v, eta, W, G, pieces: list[int], r0: int, period: int):
+        ys, Ws, errs, closes = [], [], [], []
+        r = r0
+        # every piece's [u; k] rows side by side, built in one copy: [b, 2t, n]
+        uk = torch.cat([x for pair in zip(u.split(pieces, 1), k.split(pieces, 1)) for x in pair], 1)
+        uk_pieces = uk.split([2 * s for s in pieces], 1)
+        for uk_s, k_s, v_s, eta_s in zip(uk_pieces, *(x.split(pieces, dim=1) for x in (k, v, eta))):
+            s = k_s.shape[1]
+            Ws.append(W)
+            y_s, kW = (uk_s @ W).split(s, 1)
+            err = kW - v_s  # [b, s, d]: residual k W_p - v at the period start
+            ke = (k_s * eta_s[..., None]).transpose(1, 2)  # [b, n, s]
+            closes.append(r + s == period)
+            if closes[-1] and len(closes) > 1 and r == 0:
+                # a whole period after a closed one: G is zero at its start, so one fused step
+                W = torch.baddbmm(W, ke, err, alpha=-1.0 / period)
+            elif closes[-1]:
+                W = W - torch.baddbmm(G, ke, err) / period
+                G = torch.zeros_like(G)
+            else:
+                G = torch.baddbmm(G, ke, err)
+            ys.append(y_s)
+            errs.append(err)
+            r = 0
+        ctx.save_for_backward(uk, k, eta, *Ws, *errs)
+        ctx.pieces, ctx.closes, ctx.period = pieces, closes, period
+        return torch.cat(ys, 1), W, G
+
+    @staticmethod
+    def backward(ctx, gy, gW, gG):
+        uk, k, eta, *rest = ctx.saved_tensors
+        pieces, closes, period = ctx.pieces, ctx.closes, ctx.period
+        Ws, errs = rest[: len(pieces)], rest[len(pieces):]
+        gW = gW.clone()  # accumulated in place below
+        gu, gk, gv, geta = [], [], [], []
+        splits = zip(uk.split([2 * s for s in pieces], 1), *(x.split(pieces, dim=1) for x in (k, eta, gy)))
+        for j, ((uk_s, k_s, eta_s, gy_s), W, err, close) in reversed(list(enumerate(zip(splits, Ws, errs, closes)))):
+            s = k_s.shape[1]
+            ke = k_s * eta_s[..., None]  # [b, s, n]
+            # the piece's write A = ke^T err enters W' = W - (G + A) / C when it closes the period,
+            # else G' = G + A; W passes through. Every piece but the last closes its period, so
+            # the gradient of the incoming G matters only for the first piece. The -1/C scales
+            # the small [s, .] operands: a new [n, d] tensor per piece costs more than the product.
+            if close:
+                g_err = (ke * (-1.0 / period)) @ gW  # [b, s, d]
+                g_ke = (err * (-1.0 / period)) @ gW.transpose(1, 2)  # [b, s, n]
+                if j == 0:
+                    gG = gW * (-1.0 / period)
+            else:
+                g_err, g_ke = ke @ gG, err @ gG.transpose(1, 2)
+            # reads and residuals: [y; k W] = [u; k] W
+            g_out = torch.cat((gy_s, g_err), 1)  # [b, 2s, d]
+            g_uk = g_out @ W.transpose(1, 2)  # [b, 2s, n]
+            gW.baddbmm_(uk_s.transpose(1, 2), g_out)
+            gu.append(g_uk[:, :s])
+            gk.append(torch.addcmul(g_uk[:, s:], g_ke, eta_s[..., None]))
+            geta.append((g_ke * k_s).sum(-1))
+            gv.append(-g_err)
+        cat = lambda xs: torch.cat(xs[::-1], 1)  # noqa: E731
+        return cat(gu), cat(gk), cat(gv), cat(geta), gW, gG, None, None, None
+
+
 def cms_scan(u: Tensor, k: Tensor, v: Tensor, eta: Tensor, W: Tensor, G: Tensor, pos: Tensor, period: int
              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Chunked CMS level: read and write fast weights over a segment.
@@ -61,25 +136,8 @@ def cms_scan(u: Tensor, k: Tensor, v: Tensor, eta: Tensor, W: Tensor, G: Tensor,
     dt = W.dtype
     u, k, v, eta = u.to(dt), k.to(dt), v.to(dt), eta.to(dt)
     sizes, _ = chunk_pieces(p0, t, period)
-    ys = []
-    r = p0 % period
-    zero = None
-    for u_s, k_s, v_s, eta_s in zip(*(x.split(sizes, dim=1) for x in (u, k, v, eta))):
-        ys.append(u_s @ W)
-        err = torch.baddbmm(v_s, k_s, W, beta=-1.0)  # [b, s, d]: residual k W_p - v at the period start
-        ke = (k_s * eta_s[..., None]).transpose(1, 2)  # [b, n, s]
-        if r == 0 and u_s.shape[1] == period:
-            # a whole period: G is zero at its start, so the step is one fused update
-            W = torch.baddbmm(W, ke, err, alpha=-1.0 / period)
-            zero = torch.zeros_like(G) if zero is None else zero
-            G = zero
-        else:
-            G = torch.baddbmm(G, ke, err)
-            if r + u_s.shape[1] == period:  # the open period is complete: take the step
-                W = W - G / period
-                G = zero = torch.zeros_like(G) if zero is None else zero
-        r = 0
-    return torch.cat(ys, 1), W, G, pos + t
+    y, W, G = _PeriodScan.apply(u, k, v, eta, W, G, sizes, p0 % period, period)
+    return y, W, G, pos + t
 
 
 def cms_scan_ref(u: Tensor, k: Tensor, v: Tensor, eta: Tensor, W: Tensor, G: Tensor, pos: Tensor, period: int
