@@ -44,6 +44,39 @@ def _check(u: Tensor, k: Tensor, v: Tensor, eta: Tensor, W: Tensor, G: Tensor, p
         raise ValueError(f"cms_scan: period must be a positive int, got {period!r}")
 
 
+def _period_loop(u, k, v, eta, W, G, pieces: list[int], r0: int, period: int, keep: bool):
+    """The forward of `_PeriodScan`; with keep=False (no gradient wanted) nothing is kept per piece.
+
+    Returns (y, W, G) and, for the backward, ([u; k] of every piece [b, 2t, n], the W each piece read,
+    each piece's residual, whether each piece closed its period).
+    """
+    ys, Ws, errs, closes = [], [], [], []
+    r = r0
+    # every piece's [u; k] rows side by side, built in one copy: [b, 2t, n]
+    uk = torch.cat([x for pair in zip(u.split(pieces, 1), k.split(pieces, 1)) for x in pair], 1)
+    uk_pieces = uk.split([2 * s for s in pieces], 1)
+    for uk_s, k_s, v_s, eta_s in zip(uk_pieces, *(x.split(pieces, dim=1) for x in (k, v, eta))):
+        s = k_s.shape[1]
+        y_s, kW = (uk_s @ W).split(s, 1)
+        err = kW - v_s  # [b, s, d]: residual k W_p - v at the period start
+        ke = (k_s * eta_s[..., None]).transpose(1, 2)  # [b, n, s]
+        if keep:
+            Ws.append(W)
+            errs.append(err)
+        closes.append(r + s == period)
+        if closes[-1] and len(closes) > 1 and r == 0:
+            # a whole period after a closed one: G is zero at its start, so one fused step
+            W = torch.baddbmm(W, ke, err, alpha=-1.0 / period)
+        elif closes[-1]:
+            W = W - torch.baddbmm(G, ke, err) / period
+            G = torch.zeros_like(G)
+        else:
+            G = torch.baddbmm(G, ke, err)
+        ys.append(y_s)
+        r = 0
+    return (torch.cat(ys, 1), W, G), (uk, Ws, errs, closes)
+
+
 class _PeriodScan(torch.autograd.Function):
     """The period loop of `cms_scan` with a hand-written backward.
 
@@ -57,32 +90,10 @@ class _PeriodScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, k, v, eta, W, G, pieces: list[int], r0: int, period: int):
-        ys, Ws, errs, closes = [], [], [], []
-        r = r0
-        # every piece's [u; k] rows side by side, built in one copy: [b, 2t, n]
-        uk = torch.cat([x for pair in zip(u.split(pieces, 1), k.split(pieces, 1)) for x in pair], 1)
-        uk_pieces = uk.split([2 * s for s in pieces], 1)
-        for uk_s, k_s, v_s, eta_s in zip(uk_pieces, *(x.split(pieces, dim=1) for x in (k, v, eta))):
-            s = k_s.shape[1]
-            Ws.append(W)
-            y_s, kW = (uk_s @ W).split(s, 1)
-            err = kW - v_s  # [b, s, d]: residual k W_p - v at the period start
-            ke = (k_s * eta_s[..., None]).transpose(1, 2)  # [b, n, s]
-            closes.append(r + s == period)
-            if closes[-1] and len(closes) > 1 and r == 0:
-                # a whole period after a closed one: G is zero at its start, so one fused step
-                W = torch.baddbmm(W, ke, err, alpha=-1.0 / period)
-            elif closes[-1]:
-                W = W - torch.baddbmm(G, ke, err) / period
-                G = torch.zeros_like(G)
-            else:
-                G = torch.baddbmm(G, ke, err)
-            ys.append(y_s)
-            errs.append(err)
-            r = 0
+        out, (uk, Ws, errs, closes) = _period_loop(u, k, v, eta, W, G, pieces, r0, period, keep=True)
         ctx.save_for_backward(uk, k, eta, *Ws, *errs)
         ctx.pieces, ctx.closes, ctx.period = pieces, closes, period
-        return torch.cat(ys, 1), W, G
+        return out
 
     @staticmethod
     def backward(ctx, gy, gW, gG):
@@ -136,7 +147,11 @@ def cms_scan(u: Tensor, k: Tensor, v: Tensor, eta: Tensor, W: Tensor, G: Tensor,
     dt = W.dtype
     u, k, v, eta = u.to(dt), k.to(dt), v.to(dt), eta.to(dt)
     sizes, _ = chunk_pieces(p0, t, period)
-    y, W, G = _PeriodScan.apply(u, k, v, eta, W, G, sizes, p0 % period, period)
+    args = (u, k, v, eta, W, G, sizes, p0 % period, period)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in args[:6]):
+        y, W, G = _PeriodScan.apply(*args)
+    else:  # inference: keep nothing per period (a long call would hold every period's W)
+        (y, W, G), _ = _period_loop(*args, keep=False)
     return y, W, G, pos + t
 
 

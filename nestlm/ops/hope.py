@@ -117,7 +117,8 @@ def _segment_apply(D: Tensor, S: Tensor, E: Tensor, K: Tensor, coeffs: tuple[Ten
     `_segment_coeffs` of the segment. Returns (D, S) after the segment.
 
     The deviation D, not W, is carried through the loop, the token weights scale K (c <= r
-    columns) and carry their sign: each update is then two fused multiply-adds on the state.
+    columns) and carry their sign: the update is then fused multiply-adds on the state (two for
+    D, one for S) after the two matmuls.
     """
     m_W, m_S, cD, cSD, cS = coeffs
     Et, Kt = E.permute(0, 2, 3, 1), K.transpose(1, 2)  # [b, h, r, s], [b, h, s, c]

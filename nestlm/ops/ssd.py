@@ -183,9 +183,10 @@ def _pad(t: torch.Tensor, pad: tuple[int, ...]) -> torch.Tensor:
 
 
 # On CPU, step 1's [c, c] work per token grows with c while the chunk loop of step 3 is cheap:
-# fwd+bwd at b=2, h=8, p=32, n=16, L=4096 took 77 / 63 / 47 / 61 / 110 / 254 ms (median of 9) at
-# c = 8 / 16 / 32 / 64 / 128 / 256 (bench/ops_cpu.py shape, 2 threads). chunk_size is the GPU kernels' tile (Mamba-2
-# configs use 256), so the CPU path caps it; the result does not depend on the chunk.
+# fwd+bwd at b=2, h=8, p=32, n=16, L=4096 took 77 / 63 / 47 / 61 / 110 / 254 ms (median of 9)
+# at c = 8 / 16 / 32 / 64 / 128 / 256 (bench/ops_cpu.py shape, 2 threads). chunk_size is the GPU
+# kernels' tile (Mamba-2 configs use 256), so the CPU path caps it; the result does not depend
+# on the chunk.
 CPU_MAX_CHUNK = 32
 
 
