@@ -59,9 +59,15 @@ class HOPE(nn.Module):
     """Self-modifying Titans mixer. x: [b, t, d_model] -> y: [b, t, d_model].
 
     n_heads x head_dim: memory heads; chunk_size: chunk of the main memory; aux_chunk_size: chunk of
-    the memories producing k, v, eta, alpha; max_lr: bound of the inner step eta. A chunk sums up to
-    `chunk_size` steps taken at one anchor (mini-batch GD), so with unit keys keep
-    max_lr * chunk_size <= 2 for the inner loop to stay contractive in every direction.
+    the memories producing k, v, eta, alpha; max_lr: bound of the inner step eta.
+
+    Stability. A chunk sums up to `chunk_size` steps taken at one anchor (mini-batch GD); without
+    momentum, unit keys and max_lr * chunk_size <= 2 make that a contraction. Momentum re-applies
+    each step at every later token of the chunk (up to 1 / (1 - mu) times) with no feedback from
+    the anchor, and the aux memories' self-generated targets move with the memory, so the decay gate
+    is what keeps a long stream bounded. Measured (d_model 32, 2 heads of 16, chunk 16, eta pinned
+    at max_lr = 0.1, 20,000 tokens): with 1 - alpha = 0.99 the memories stay within their initial
+    scale; with no forgetting they diverged in 4 of 4 seeds (to 10^3-10^4 times it, or NaN).
     `impl="ref"` runs the token-loop reference instead of the chunked path (tests).
     """
 

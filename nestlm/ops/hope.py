@@ -68,9 +68,11 @@ def l2norm(x: Tensor) -> Tensor:
 
 def _aux_outputs(z: Tensor, c: int, max_lr: float, b_eta: Tensor, b_alpha: Tensor):
     """z [..., h, 2c+2] -> k, v [..., h, c], eta [..., h], log(1 - alpha) [..., h]."""
-    k, v = l2norm(z[..., : 2 * c].unflatten(-1, (2, c))).unbind(-2)  # one pass for both
-    eta = max_lr * torch.sigmoid(z[..., 2 * c] + b_eta)
-    log_keep = F.logsigmoid(-(z[..., 2 * c + 1] + b_alpha))
+    # split, not slices: the backward of every slice fills a zero tensor of z's size
+    kv, z_eta, z_alpha = z.split((2 * c, 1, 1), -1)
+    k, v = l2norm(kv.unflatten(-1, (2, c))).unbind(-2)  # one pass for both
+    eta = max_lr * torch.sigmoid(z_eta.squeeze(-1) + b_eta)
+    log_keep = F.logsigmoid(-(z_alpha.squeeze(-1) + b_alpha))
     return k, v, eta, log_keep
 
 
@@ -106,8 +108,8 @@ def _segment_coeffs(eta: Tensor, log_keep: Tensor, log_mu: Tensor) -> tuple[Tens
     etat = eta.transpose(-1, -2)
     m_W = -etat * D.sum(-1)
     m_S = -etat * torch.exp(Lm_n - Lm).transpose(-1, -2)
-    return (m_W, m_S, torch.exp(La_n[..., 0, :])[..., None, None], torch.exp(X).sum(-2)[..., None, None],
-            torch.exp(Lm_n[..., 0, :])[..., None, None])
+    return (m_W, m_S, torch.exp(La_n).squeeze(-2)[..., None, None], torch.exp(X).sum(-2)[..., None, None],
+            torch.exp(Lm_n).squeeze(-2)[..., None, None])
 
 
 def _segment_apply(D: Tensor, S: Tensor, E: Tensor, K: Tensor, coeffs: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
