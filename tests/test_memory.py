@@ -395,7 +395,7 @@ def test_long_stream_fp32_at_max_lr_stays_finite(depth, max_grad_norm):
         assert torch.isfinite(t.float()).all(), n
         # bounded, not merely finite (measured: |W| settles at ~10x its init for depth 1, ~100x for
         # depth 2, whose normalised MLP is scale-invariant in W; a divergence runs to inf or NaN)
-        assert float(t.abs().max()) < 1e3, n
+        assert not t.is_floating_point() or float(t.abs().max()) < 1e3, n
     assert int(st["pos"][0]) == 20000
 
 
