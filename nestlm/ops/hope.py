@@ -67,7 +67,7 @@ def l2norm(x: Tensor) -> Tensor:
 
 
 def _aux_outputs(z: Tensor, c: int, max_lr: float, b_eta: Tensor, b_alpha: Tensor):
-    """z [..., h, 2c+2] -> k, v [..., h, c], eta [..., h], log(1 - alpha) [..., h]."""
+    """z [..., 2c+2] -> k, v [..., c], eta [...], log(1 - alpha) [...]; b_eta, b_alpha broadcast to [...]."""
     # split, not slices: the backward of every slice fills a zero tensor of z's size
     kv, z_eta, z_alpha = z.split((2 * c, 1, 1), -1)
     k, v = l2norm(kv.unflatten(-1, (2, c))).unbind(-2)  # one pass for both
@@ -83,39 +83,33 @@ def _strictly_lower(s: int, device: torch.device) -> Tensor:
 
 
 def _read(M: Tensor, x: Tensor) -> Tensor:
-    """M x for every token of a segment: M [b, h, r, c], x [b, s, h, c] -> contiguous [b, s, h, r].
-
-    Contiguous on purpose: einsum returns a permuted view here, and the elementwise ops that follow
-    run ~10x slower on CPU when their operands' strides differ.
-    """
-    return (x.transpose(1, 2) @ M.transpose(-1, -2)).transpose(1, 2).contiguous()
+    """M x for every token of a segment: M [b, h, r, c], x [b, h, s, c] -> [b, h, s, r]."""
+    return x @ M.transpose(-1, -2)
 
 
 def _segment_coeffs(eta: Tensor, log_keep: Tensor, log_mu: Tensor) -> tuple[Tensor, ...]:
-    """The closed form's coefficients for segments along dim -2: eta, log_keep, log_mu [..., s, h].
+    """The closed form's coefficients for segments along the last dim: eta, log_keep, log_mu [..., s].
 
-    Returns m_W, m_S [..., h, s] (minus the weights of each token's gradient in the end D and S) and
-    cD, cSD, cS [..., h, 1, 1] (factors of the start D, of the start S in D, and of the start S in S).
+    Returns m_W, m_S [..., s] (minus the weights of each token's gradient in the end D and S) and
+    cD, cSD, cS [..., 1, 1] (factors of the start D, of the start S in D, and of the start S in S).
     They depend only on the gates, so a whole stream's chunks can be done in one call.
     """
-    La, Lm = log_keep.cumsum(-2), log_mu.cumsum(-2)  # [..., s, h]
-    La_n, Lm_n = La[..., -1:, :], Lm[..., -1:, :]
+    La, Lm = log_keep.cumsum(-1), log_mu.cumsum(-1)  # [..., s]
+    La_n, Lm_n = La[..., -1:], Lm[..., -1:]
     X = La_n - La + Lm  # log of the factor carrying S_t to the segment end
-    s = eta.shape[-2]
+    s = eta.shape[-1]
     # D[i, t] = exp(X_t - Lm_i) for t >= i
-    logD = X.transpose(-1, -2)[..., None, :] - Lm.transpose(-1, -2)[..., :, None]  # [..., h, s(i), s(t)]
+    logD = X[..., None, :] - Lm[..., :, None]  # [..., s(i), s(t)]
     D = torch.exp(logD.masked_fill(_strictly_lower(s, eta.device), float("-inf")))
-    etat = eta.transpose(-1, -2)
-    m_W = -etat * D.sum(-1)
-    m_S = -etat * torch.exp(Lm_n - Lm).transpose(-1, -2)
-    return (m_W, m_S, torch.exp(La_n).squeeze(-2)[..., None, None], torch.exp(X).sum(-2)[..., None, None],
-            torch.exp(Lm_n).squeeze(-2)[..., None, None])
+    m_W = -eta * D.sum(-1)
+    m_S = -eta * torch.exp(Lm_n - Lm)
+    return m_W, m_S, torch.exp(La_n)[..., None], torch.exp(X).sum(-1)[..., None, None], torch.exp(Lm_n)[..., None]
 
 
 def _segment_apply(D: Tensor, S: Tensor, E: Tensor, K: Tensor, coeffs: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
     """Apply a segment's updates in closed form (see the module docstring).
 
-    D = W - W0, S: [b, h, r, c]; E (errors at the anchor): [b, s, h, r]; K: [b, s, h, c]; coeffs:
+    D = W - W0, S: [b, h, r, c]; E (errors at the anchor): [b, h, s, r]; K: [b, h, s, c]; coeffs:
     `_segment_coeffs` of the segment. Returns (D, S) after the segment.
 
     The deviation D, not W, is carried through the loop, the token weights scale K (c <= r
@@ -123,9 +117,9 @@ def _segment_apply(D: Tensor, S: Tensor, E: Tensor, K: Tensor, coeffs: tuple[Ten
     D, one for S) after the two matmuls.
     """
     m_W, m_S, cD, cSD, cS = coeffs
-    Et, Kt = E.permute(0, 2, 3, 1), K.transpose(1, 2)  # [b, h, r, s], [b, h, s, c]
-    D_new = torch.addcmul(torch.addcmul(Et @ (Kt * m_W[..., None]), cD, D), cSD, S)
-    S_new = torch.addcmul(Et @ (Kt * m_S[..., None]), cS, S)
+    Et = E.transpose(-1, -2)  # [b, h, r, s]
+    D_new = torch.addcmul(torch.addcmul(Et @ (K * m_W[..., None]), cD, D), cSD, S)
+    S_new = torch.addcmul(Et @ (K * m_S[..., None]), cS, S)
     return D_new, S_new
 
 
@@ -138,15 +132,14 @@ def _groups(sizes: list[int], C: int) -> list[int]:
 
 
 def _piece_coeffs(sizes: list[int], C: int, eta: Tensor, log_keep: Tensor, log_mu: Tensor) -> list[tuple]:
-    """`_segment_coeffs` of every piece of a segment cut by `chunk_pieces`: the whole chunks in one
-    batched call, a leading or trailing partial piece on its own."""
+    """`_segment_coeffs` of every piece of a segment cut by `chunk_pieces` (gates [b, h, t]): the whole
+    chunks in one batched call, a leading or trailing partial piece on its own."""
     out: list[tuple] = []
     groups = _groups(sizes, C)
-    for g, e, lk, lm in zip(groups, *(x.split(groups, 1) for x in (eta, log_keep, log_mu))):
-        if sizes[len(out)] == C:  # the whole chunks: [b, n, C, h]
-            b, h = e.shape[0], e.shape[-1]
-            full = _segment_coeffs(*(x.reshape(b, g // C, C, h) for x in (e, lk, lm)))
-            out += list(zip(*(c.unbind(1) for c in full)))
+    for g, e, lk, lm in zip(groups, *(x.split(groups, -1) for x in (eta, log_keep, log_mu))):
+        if sizes[len(out)] == C:  # the whole chunks: [b, h, n, C]
+            full = _segment_coeffs(*(x.unflatten(-1, (g // C, C)) for x in (e, lk, lm)))
+            out += list(zip(*(c.unbind(2) for c in full)))
         else:
             out.append(_segment_coeffs(e, lk, lm))
     return out
@@ -155,21 +148,20 @@ def _piece_coeffs(sizes: list[int], C: int, eta: Tensor, log_keep: Tensor, log_m
 def _read_pieces(anchors: list[Tensor], q: Tensor, sizes: list[int], C: int) -> Tensor:
     """Every piece's read (anchor of its chunk times q_t), whole chunks in one batched matmul.
 
-    anchors: one [b, h, r, c] per piece; q: [b, t, h, c] -> [b, t, h, r]."""
+    anchors: one [b, h, r, c] per piece; q: [b, h, t, c] -> [b, h, t, r]."""
     outs, i = [], 0
     groups = _groups(sizes, C)
-    for g, q_g in zip(groups, q.split(groups, 1)):
+    for g, q_g in zip(groups, q.split(groups, 2)):
         if sizes[i] == C:  # the whole chunks
             n = g // C
-            A = torch.stack(anchors[i:i + n], 1)  # [b, n, h, r, c]
-            b, _, h, c = q_g.shape
-            y = q_g.view(b, n, C, h, c).transpose(2, 3) @ A.transpose(-1, -2)  # [b, n, h, C, r]
-            outs.append(y.transpose(2, 3).reshape(b, g, h, -1))
+            A = torch.stack(anchors[i:i + n], 2)  # [b, h, n, r, c]
+            y = q_g.unflatten(2, (n, C)) @ A.transpose(-1, -2)  # [b, h, n, C, r]
+            outs.append(y.flatten(2, 3))
             i += n
         else:
             outs.append(_read(anchors[i], q_g))
             i += 1
-    return torch.cat(outs, 1)
+    return torch.cat(outs, 2)
 
 
 def _check(xh: Tensor, q: Tensor, log_mu: Tensor, state: dict, chunk_size: int, aux_chunk_size: int) -> int:
@@ -211,27 +203,30 @@ def selfmod_scan(xh: Tensor, q: Tensor, log_mu: Tensor, b_eta: Tensor, b_alpha: 
     dt = state["mem_W"].dtype
     xh, q, log_mu, b_eta, b_alpha, aux_init, mem_init = (
         x.to(dt) for x in (xh, q, log_mu, b_eta, b_alpha, aux_init, mem_init))
+    # head-major inside ([b, h, t, .]): every read is then one matmul with a contiguous result, and
+    # the coefficients run along the last dim; the layout changes once per call, not per chunk
+    xh, q, log_mu = (x.transpose(1, 2).contiguous() for x in (xh, q, log_mu))
     # the loops carry D = W - W0 (see _segment_apply); a chunk's anchor is W0 + D at its start
     D, A, S = state["aux_W"] - aux_init, state["aux_A"], state["aux_S"]
     ks, vs, etas, lks = [], [], [], []
     sizes, fresh = chunk_pieces(p0, t, aux_chunk_size)
-    for x_s, lmu_s, fresh_s in zip(xh.split(sizes, 1), log_mu.split(sizes, 1), fresh):
+    for x_s, lmu_s, fresh_s in zip(xh.split(sizes, 2), log_mu.split(sizes, 2), fresh):
         if fresh_s:
             A = D + aux_init
         z = _read(A, x_s)
-        k, v, eta, lk = _aux_outputs(z, c, max_lr, b_eta, b_alpha)
+        k, v, eta, lk = _aux_outputs(z, c, max_lr, b_eta[:, None], b_alpha[:, None])
         E = _read(A, k - v)  # A k - A v: error against the self-generated target
         D, S = _segment_apply(D, S, E, k, _segment_coeffs(eta, lk, lmu_s))
         ks.append(k), vs.append(v), etas.append(eta), lks.append(lk)
     new = {"aux_W": D + aux_init, "aux_A": A, "aux_S": S}
     if t:
-        k, v, eta, lk = (torch.cat(x, 1) for x in (ks, vs, etas, lks))
+        k, v, eta, lk = (torch.cat(x, 2) for x in (ks, vs, etas, lks))
     D, A, S = state["mem_W"] - mem_init, state["mem_A"], state["mem_S"]
     anchors = []
     sizes, fresh = chunk_pieces(p0, t, chunk_size)
     # the main memory's gates are all known here: every chunk's coefficients at once
     coeffs = _piece_coeffs(sizes, chunk_size, eta, lk, log_mu) if t else []
-    pieces = (x.split(sizes, 1) for x in (k, v)) if t else ()
+    pieces = (x.split(sizes, 2) for x in (k, v)) if t else ()
     for (k_s, v_s), co, fresh_s in zip(zip(*pieces), coeffs, fresh):
         if fresh_s:
             A = D + mem_init
@@ -240,8 +235,9 @@ def selfmod_scan(xh: Tensor, q: Tensor, log_mu: Tensor, b_eta: Tensor, b_alpha: 
         D, S = _segment_apply(D, S, E, k_s, co)
     new.update(mem_W=D + mem_init, mem_A=A, mem_S=S, pos=pos + t)
     # reads after the loop: every chunk reads its anchor, so whole chunks batch into one matmul
-    o = _read_pieces(anchors, q, sizes, chunk_size) if t else q.new_zeros(b, 0, *q.shape[2:])
-    return o, new
+    if not t:
+        return q.new_zeros(b, 0, q.shape[1], c), new
+    return _read_pieces(anchors, q, sizes, chunk_size).transpose(1, 2).contiguous(), new
 
 
 def _apply(M: Tensor, x: Tensor) -> Tensor:
