@@ -1,6 +1,8 @@
 """CPU benchmark of the memory layers: chunked path vs token loop, and NeuralMemory vs titans-pytorch.
 
 Every number is forward + backward of one layer on x [1, L, d_model] (fp32), loss = y.square().mean().
+The `cms_scan op` rows time the CMS update alone (fixed random inputs at the CMS layer's shapes,
+without the level MLPs that both CMS paths share), beside the CMS layer.
 Prints a table and writes bench/results/memory_cpu.json.
 
     python bench/memory_cpu.py                       # the default set (several minutes)
@@ -62,6 +64,8 @@ def make_layers(impl: str) -> dict[str, torch.nn.Module]:
         layers["CMS(periods=(None,16,64))"] = CMS(D_MODEL, periods=(None, 16, 64), impl=impl)
     except ImportError:
         pass
+    for period in (16, 64):  # the op without the MLPs that both CMS paths share
+        layers[f"cms_scan op (n=704, d=256, C={period})"] = CMSScanOp(period, impl)
     try:
         from nestlm.layers.hope import HOPE
 
@@ -71,6 +75,34 @@ def make_layers(impl: str) -> dict[str, torch.nn.Module]:
     except ImportError:
         pass
     return layers
+
+
+class CMSScanOp(torch.nn.Module):
+    """`cms_scan` (or its token loop) alone, without the level MLPs around it: the op-level side of
+    the CMS comparison. Its inputs are fixed random leaves at the CMS layer's shapes (n = 704, the
+    level width at d_model 256); forward(x) reads only x's length."""
+
+    def __init__(self, period: int, impl: str, n: int = 704, d: int = D_MODEL):
+        super().__init__()
+        from nestlm.ops.cms import cms_scan, cms_scan_ref
+
+        self.period, self.n, self.d = period, n, d
+        self.scan = cms_scan_ref if impl == "ref" else cms_scan
+        self.W = torch.nn.Parameter(0.02 * torch.randn(1, n, d, generator=torch.Generator().manual_seed(1)))
+        self.inputs = torch.nn.ParameterDict()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        L = x.shape[1]
+        if str(L) not in self.inputs:
+            g = torch.Generator().manual_seed(L)
+            u = torch.randn(1, L, self.n, generator=g)
+            k = torch.nn.functional.normalize(torch.randn(1, L, self.n, generator=g), dim=-1)
+            self.inputs[str(L)] = torch.nn.Parameter(torch.cat((u, k, torch.randn(1, L, self.d, generator=g)), -1))
+        u, k, v = self.inputs[str(L)].split((self.n, self.n, self.d), -1)
+        eta = torch.full((1, L), 0.5)
+        y, *_ = self.scan(u, k, v, eta, self.W, torch.zeros_like(self.W), torch.zeros(1, dtype=torch.long),
+                          self.period)
+        return y, None
 
 
 def titans_layer() -> torch.nn.Module | None:
