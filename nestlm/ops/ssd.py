@@ -252,7 +252,8 @@ def ssd_scan(
     x: [b, l, h, p]; dt: [b, l, h]; A: [h]; B, C: [b, l, g, n]; D: [h] or [h, p]; z: [b, l, h, p];
     dt_bias: [h]; initial_states: [b, h, p, n].
     returns y [b, l, h, p] in x's dtype (and final_states [b, h, p, n], fp32 or fp64, when asked).
-    `l` need not be a multiple of chunk_size.
+    `l` need not be a multiple of chunk_size. chunk_size tiles the GPU kernels; the CPU path tiles
+    by min(chunk_size, CPU_MAX_CHUNK) (the result does not depend on the tile).
     """
     args = (x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_softplus, return_final_states)
     _check(*args[:10])
