@@ -11,9 +11,14 @@ from __future__ import annotations
 import torch
 
 
-def _transposed_2d(t: torch.Tensor) -> bool:
-    """[b, d, l] whose slices t[i] are transposes of contiguous [l, d] matrices."""
+def is_channel_last(t: torch.Tensor) -> bool:
+    """[b, d, l] stored as a contiguous [b, l, d] tensor (its slices t[i] are transposed matrices)."""
     return t.dim() == 3 and t.shape[1] > 1 and t.stride(1) == 1 and t.stride(2) == t.shape[1]
+
+
+def channel_last(t: torch.Tensor) -> torch.Tensor:
+    """t [b, d, l] with the same values, stored as a contiguous [b, l, d] tensor."""
+    return t if is_channel_last(t) else t.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def dense(t: torch.Tensor) -> torch.Tensor:
@@ -21,7 +26,7 @@ def dense(t: torch.Tensor) -> torch.Tensor:
     per batch row)."""
     if t.is_contiguous():
         return t
-    if _transposed_2d(t):
+    if is_channel_last(t):
         rows = [r.contiguous() for r in t.unbind(0)]
         return rows[0].unsqueeze(0) if len(rows) == 1 else torch.stack(rows)
     return t.contiguous()

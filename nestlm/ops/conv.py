@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from nestlm.ops import backends
+from nestlm.ops._layout import channel_last, is_channel_last
 
 _ACTIVATIONS = (None, "silu", "swish")
 
@@ -78,7 +79,9 @@ class _ShiftConv(torch.autograd.Function):
         xcat, weight, pre = ctx.saved_tensors
         w = weight.shape[1]
         length = gout.shape[-1]
-        gout = _same_layout(gout, _is_channel_last(xcat))
+        # elementwise passes over tensors with different strides run ~10x slower on CPU than over
+        # matching ones: the gradient is brought to the layout of the saved activations first
+        gout = channel_last(gout) if is_channel_last(xcat) else gout.contiguous()
         gpre = torch.ops.aten.silu_backward(gout, pre) if ctx.silu else gout
         d = gpre.shape[1]
         gxcat = torch.empty_like(xcat)
@@ -97,7 +100,7 @@ class _ShiftConv(torch.autograd.Function):
 def _conv_torch(x, weight, bias, initial_states, return_final_states, activation):
     d, w = weight.shape
     state = x.new_zeros(x.shape[0], d, w - 1) if initial_states is None else initial_states.to(x.dtype)
-    if _is_channel_last(x):
+    if is_channel_last(x):
         # x is a [b, l, d] tensor seen as [b, d, l] (a layer's projection output): keep that
         # layout so that every pass below and the layer's consumers run on matching strides
         xcat = torch.cat([state.transpose(1, 2), x.transpose(1, 2)], dim=1).transpose(1, 2)
@@ -111,32 +114,11 @@ def _conv_torch(x, weight, bias, initial_states, return_final_states, activation
     return out, _final_states(xcat, w).to(x.dtype).contiguous()
 
 
-def _is_channel_last(t: torch.Tensor) -> bool:
-    """[b, d, l] tensor stored as a contiguous [b, l, d] one."""
-    return t.shape[1] > 1 and t.stride(1) == 1 and t.stride(2) == t.shape[1]
-
-
-def _same_layout(t: torch.Tensor, channel_last: bool) -> torch.Tensor:
-    """t [b, d, l] stored channel-last or contiguous, as asked.
-
-    Elementwise passes over tensors with different strides run ~10x slower on CPU than over
-    matching ones, so a gradient is brought to the layout of the saved activations first.
-    """
-    if channel_last:
-        return t if _is_channel_last(t) else t.transpose(1, 2).contiguous().transpose(1, 2)
-    return t.contiguous()
-
-
-def _channel_last(t: torch.Tensor) -> torch.Tensor:
-    """Same values, memory laid out [b, l, d] (what the CUDA kernel needs for states)."""
-    return t if t.stride(1) == 1 else t.transpose(1, 2).contiguous().transpose(1, 2)
-
-
 def _conv_vendor(fn, x, weight, bias, initial_states, return_final_states, activation):
     if initial_states is not None or return_final_states:
-        x = _channel_last(x)
+        x = channel_last(x)  # the CUDA kernel takes states only with this layout
         if initial_states is not None:
-            initial_states = _channel_last(initial_states.to(x.dtype))
+            initial_states = channel_last(initial_states.to(x.dtype))
     return fn(
         x,
         weight,
