@@ -83,6 +83,11 @@ def _grouped(M: torch.Tensor) -> torch.Tensor:
     return M.unsqueeze(1) if M.dim() == 3 else M
 
 
+def _one_layout(u, delta, z):
+    """u, delta, z [b, d, l] as contiguous tensors: layers pass transposed [b, l, d] views (see _layout)."""
+    return dense(u), dense(delta), None if z is None else dense(z)
+
+
 def _prepare_delta(delta, delta_bias, delta_softplus, dtype):
     delta = delta.to(dtype)
     if delta_bias is not None:
@@ -123,7 +128,8 @@ class _ChunkedScan(torch.autograd.Function):
         c = max(1, min(chunk or _auto_chunk(b, d, n), length))
         At = A.reshape(g, dg, n).transpose(1, 2).contiguous()  # [g, n, dg]
         dl = time_major(delta).view(length, b, g, 1, dg)  # [l, b, g, 1, dg]
-        du = dl * time_major(u).view(length, b, g, 1, dg)
+        ut = time_major(u).view(length, b, g, 1, dg)
+        du = dl * ut
         Bt = time_major(B).unsqueeze(-1)  # [l, b, g, n, 1]
         Ct = time_major(C).unsqueeze(-2)  # [l, b, g, 1, n]
         y = u.new_empty(length, b, g, 1, dg)
@@ -137,28 +143,27 @@ class _ChunkedScan(torch.autograd.Function):
             # clone: the buffers are overwritten by the next chunk
             h = _chunk_states(dl[t0:t1], du[t0:t1], At, Bt[t0:t1], h, decay, hs).clone()
             torch.matmul(Ct[t0:t1], hs[: t1 - t0], out=y[t0:t1])
-        ctx.save_for_backward(u, dl, du, At, Bt, Ct, *starts)
+        ctx.save_for_backward(ut, dl, du, At, Bt, Ct, *starts)
         ctx.chunk = c
         last = h.transpose(-1, -2).reshape(b, d, n)
         return from_time_major(y.view(length, b, d)), last
 
     @staticmethod
     def backward(ctx, gy, glast):
-        u, dl, du, At, Bt, Ct, *starts = ctx.saved_tensors
+        ut, dl, du, At, Bt, Ct, *starts = ctx.saved_tensors
         c = ctx.chunk
-        b, d, length = u.shape
-        g, n, dg = At.shape
-        ut = time_major(u).view(length, b, g, 1, dg)
+        length, b, g, _, dg = ut.shape
+        n, d = At.shape[1], g * dg
         if gy is None:
-            gy = u.new_zeros(b, d, length)
+            gy = ut.new_zeros(b, d, length)
         gyt = time_major(gy).view(length, b, g, 1, dg)
-        carry = u.new_zeros(b, g, n, dg)
+        carry = ut.new_zeros(b, g, n, dg)
         if glast is not None:
-            carry = glast.reshape(b, g, dg, n).transpose(-1, -2).to(u.dtype).contiguous()
+            carry = glast.reshape(b, g, dg, n).transpose(-1, -2).to(ut.dtype).contiguous()
         gu, gdl = torch.empty_like(dl), torch.empty_like(dl)  # [l, b, g, 1, dg]
-        gB, gC = torch.empty_like(Bt), torch.empty(length, b, g, n, 1, dtype=u.dtype, device=u.device)
-        gA = torch.zeros(g, n, dg, dtype=u.dtype, device=u.device)
-        decay, hs, gh, tmp = (u.new_empty(c, b, g, n, dg) for _ in range(4))
+        gB, gC = torch.empty_like(Bt), torch.empty(length, b, g, n, 1, dtype=ut.dtype, device=ut.device)
+        gA = torch.zeros(g, n, dg, dtype=ut.dtype, device=ut.device)
+        decay, hs, gh, tmp = (ut.new_empty(c, b, g, n, dg) for _ in range(4))
         for k in reversed(range(len(starts))):
             t0 = k * c
             t1 = min(t0 + c, length)
@@ -169,7 +174,7 @@ class _ChunkedScan(torch.autograd.Function):
             torch.mul(gyt[t0:t1], Ct[t0:t1].transpose(-1, -2), out=G)
             G[cl - 1] += carry
             Gs, As = G.unbind(0), a.unbind(0)
-            with backends.serial_cpu(u.device, Gs[0].numel()):
+            with backends.serial_cpu(ut.device, Gs[0].numel()):
                 for t in range(cl - 2, -1, -1):
                     Gs[t].addcmul_(As[t + 1], Gs[t + 1])
             carry = As[0] * Gs[0]
@@ -219,9 +224,7 @@ def _selective_scan_torch(
 ):
     b, d, length, n = _check(u, delta, A, B, C, D, z, delta_bias, initial_state)
     cd = backends.compute_dtype(u, delta, A, B, C, initial_state)
-    # one layout for every [b, d, l] tensor: layers pass transposed [b, l, d] views (see _layout)
-    u, delta = dense(u), dense(delta)
-    z = None if z is None else dense(z)
+    u, delta, z = _one_layout(u, delta, z)
     delta_ = _prepare_delta(delta, delta_bias, delta_softplus, cd)
     h0 = u.new_zeros(b, d, n, dtype=cd) if initial_state is None else initial_state.to(cd)
     # the scan runs in the compute dtype whatever autocast says
@@ -295,9 +298,7 @@ def selective_scan_ref(
     """Token loop over the recurrence in the module docstring (plain autograd, fp64-able)."""
     b, d, length, n = _check(u, delta, A, B, C, D, z, delta_bias, initial_state)
     cd = backends.compute_dtype(u, delta, A, B, C, initial_state)
-    # one layout for every [b, d, l] tensor: layers pass transposed [b, l, d] views (see _layout)
-    u, delta = dense(u), dense(delta)
-    z = None if z is None else dense(z)
+    u, delta, z = _one_layout(u, delta, z)
     delta_ = _prepare_delta(delta, delta_bias, delta_softplus, cd)
     Bg, Cg = _grouped(B).to(cd), _grouped(C).to(cd)
     per_group = d // Bg.shape[1]
