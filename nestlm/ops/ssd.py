@@ -114,13 +114,13 @@ class _ChunkedSSD(torch.autograd.Function):
         Bd = Bc[:, :, None] * dte[..., None]  # [b, g, r, k, c, n]
         chunk_states = Xc.transpose(-1, -2) @ Bd  # [b, g, r, k, p, n]
         # 3. carry across chunks; 4. read the carried-in state at every position
-        decay = torch.exp(a_cs[..., -1])  # [b, g, r, k]
+        ein = torch.exp(a_cs)  # decay from the chunk start to each position
+        decay = ein[..., -1]  # [b, g, r, k]: of a whole chunk
         states_in = torch.empty_like(chunk_states)
         state = S0
         for i, (decay_i, cs_i) in enumerate(zip(decay.unbind(-1), chunk_states.unbind(3))):
             states_in[:, :, :, i] = state
             state = torch.addcmul(cs_i, decay_i[..., None, None], state)
-        ein = torch.exp(a_cs)
         Ce = Cc[:, :, None] * ein[..., None]  # [b, g, r, k, c, n]
         y = Ce @ states_in.transpose(-1, -2)  # [b, g, r, k, c, p]
         y.view(-1, c, p).baddbmm_(M.view(-1, c, c), Xc.view(-1, c, p))
