@@ -125,8 +125,8 @@ class _PeriodScan(torch.autograd.Function):
             gk.append(torch.addcmul(g_uk[:, s:], g_ke, eta_s[..., None]))
             geta.append((g_ke * k_s).sum(-1))
             gv.append(-g_err)
-        cat = lambda xs: torch.cat(xs[::-1], 1)  # noqa: E731
-        return cat(gu), cat(gk), cat(gv), cat(geta), gW, gG, None, None, None
+        grads = (torch.cat(x[::-1], 1) for x in (gu, gk, gv, geta))  # pieces were visited last first
+        return (*grads, gW, gG, None, None, None)
 
 
 def cms_scan(u: Tensor, k: Tensor, v: Tensor, eta: Tensor, W: Tensor, G: Tensor, pos: Tensor, period: int
