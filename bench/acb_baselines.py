@@ -31,8 +31,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from a checkout
 PRESETS = "transformer,swa-transformer,mamba2,samba,hope-hybrid"
-DEFAULT_PATHS = {"runs": "runs/acb-baselines", "results": "bench/results/acb_baselines",
-                 "md": "docs/results/acb-cpu.md"}
+DEFAULT_PATHS = {
+    "runs": "runs/acb-baselines",
+    "results": "bench/results/acb_baselines",
+    "md": "docs/results/acb-cpu.md",
+}
 
 
 def run(cmd: list[str], log: Path, threads: int) -> float:
@@ -40,9 +43,13 @@ def run(cmd: list[str], log: Path, threads: int) -> float:
     with open(log, "a") as f:
         f.write(f"$ {shlex.join(cmd)}\n")
         f.flush()
-        res = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
-                             env={**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled",
-                                  "OMP_NUM_THREADS": str(threads)})
+        res = subprocess.run(
+            cmd,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": str(threads)},
+        )
     if res.returncode != 0:
         raise RuntimeError(f"command failed ({res.returncode}), see {log}: {shlex.join(cmd)}")
     return time.perf_counter() - t0
@@ -57,37 +64,96 @@ def one_preset(preset: str, a: argparse.Namespace) -> dict:
     log = Path(a.runs) / f"{preset}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     py = [sys.executable, "-m", "nestlm"]
-    train_cmd = py + ["fit", "--model.preset", preset, "--model.size", "tiny", "--trainer.max_steps", str(a.steps),
-                      "--model.warmup_steps", str(a.warmup),
-                      "--trainer.default_root_dir", str(run_dir), "--trainer.logger", "false",
-                      "--trainer.val_check_interval", str(a.steps), "--trainer.enable_progress_bar", "false",
-                      "--seed_everything", "1234"]
+    train_cmd = py + [
+        "fit",
+        "--model.preset",
+        preset,
+        "--model.size",
+        "tiny",
+        "--trainer.max_steps",
+        str(a.steps),
+        "--model.warmup_steps",
+        str(a.warmup),
+        "--trainer.default_root_dir",
+        str(run_dir),
+        "--trainer.logger",
+        "false",
+        "--trainer.val_check_interval",
+        str(a.steps),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--seed_everything",
+        "1234",
+    ]
     env_threads = ["--threads", str(a.threads)]
     t_train = 0.0
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     if not ckpt.exists() or a.force:
         t_train = run(train_cmd, log, a.threads)
     short = res_dir / f"{preset}.short.json"
-    eval_short = py + ["eval", "--ckpt", str(ckpt), "--envs", a.envs, "--horizons", a.horizons, "--episodes",
-                       a.episodes, "--seed", str(a.seed), "--out", str(short), "--force", "--no-progress"] + env_threads
+    eval_short = (
+        py
+        + [
+            "eval",
+            "--ckpt",
+            str(ckpt),
+            "--envs",
+            a.envs,
+            "--horizons",
+            a.horizons,
+            "--episodes",
+            a.episodes,
+            "--seed",
+            str(a.seed),
+            "--out",
+            str(short),
+            "--force",
+            "--no-progress",
+        ]
+        + env_threads
+    )
     t_short = run(eval_short, log, a.threads)
     reports = [json.loads(short.read_text())]
     cmds = [train_cmd, eval_short]
     t_long = 0.0
     if a.long_horizons:
         long = res_dir / f"{preset}.long.json"
-        eval_long = py + ["eval", "--ckpt", str(ckpt), "--envs", a.long_envs, "--horizons", a.long_horizons,
-                          "--episodes", str(a.long_episodes), "--seed", str(a.seed), "--out", str(long), "--force",
-                          "--no-progress"] + env_threads
+        eval_long = (
+            py
+            + [
+                "eval",
+                "--ckpt",
+                str(ckpt),
+                "--envs",
+                a.long_envs,
+                "--horizons",
+                a.long_horizons,
+                "--episodes",
+                str(a.long_episodes),
+                "--seed",
+                str(a.seed),
+                "--out",
+                str(long),
+                "--force",
+                "--no-progress",
+            ]
+            + env_threads
+        )
         t_long = run(eval_long, log, a.threads)
         reports.append(json.loads(long.read_text()))
         cmds.append(eval_long)
     losses = [json.loads(line) for line in (run_dir / "losses.jsonl").read_text().splitlines() if line.strip()]
-    result = {"preset": preset, "steps": a.steps, "train_seconds": t_train, "eval_seconds": t_short + t_long,
-              "final_loss": losses[-1]["loss"] if losses else None, "reports": reports,
-              # recorded as `python -m nestlm ...`: the interpreter path is this machine's, not the recipe
-              "commands": [shlex.join(["python", *c[1:]]) for c in cmds],
-              "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    result = {
+        "preset": preset,
+        "steps": a.steps,
+        "train_seconds": t_train,
+        "eval_seconds": t_short + t_long,
+        "final_loss": losses[-1]["loss"] if losses else None,
+        "reports": reports,
+        # recorded as `python -m nestlm ...`: the interpreter path is this machine's, not the recipe
+        "commands": [shlex.join(["python", *c[1:]]) for c in cmds],
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
     out.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
@@ -104,27 +170,41 @@ def write_markdown(results: list[dict], a: argparse.Namespace, path: Path) -> No
 
     from nestlm.eval.report import coherence_horizon
 
-    horizons = [int(h) for h in a.horizons.split(",")] + ([int(h) for h in a.long_horizons.split(",")]
-                                                          if a.long_horizons else [])
+    horizons = [int(h) for h in a.horizons.split(",")] + (
+        [int(h) for h in a.long_horizons.split(",")] if a.long_horizons else []
+    )
     envs = a.envs.split(",")
-    lines = ["# Agent Continuation Bench: tiny presets on CPU", "",
-             f"Generated by `bench/acb_baselines.py` on {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; "
-             f"CPU ({os.cpu_count()} cores, shared with other jobs), torch {torch.__version__}, "
-             f"Python {platform.python_version()}. Expected outcome (written before the run): "
-             "[../benchmark.md](../benchmark.md#expected-outcome-of-the-cpu-baselines-written-before-running-them).",
-             "",
-             f"Recipe, identical for every preset: `nestlm fit` default (synthetic train trajectories of 20-200 steps, "
-             f"256-token windows, batch 8, AdamW lr 3e-3, warmup {a.warmup} + cosine, seed 1234), "
-             f"{a.steps} optimizer steps "
-             f"(= {a.steps * 8 * 256:,} training tokens). Evaluation: held-out `test` episodes, seed {a.seed}; "
-             f"episodes per horizon {a.episodes} at H = {a.horizons} (envs {a.envs})"
-             + (f", {a.long_episodes} at H = {a.long_horizons} ({a.long_envs} only: a 20,000-step episode is "
-                "150-200k tokens)" if a.long_horizons else "") + ".",
-             "", "Cells: accuracy on the probes of the last 10% of each episode [episode-bootstrap 95% CI]. "
-             "CH0.9 uses the horizons evaluated for that env.", ""]
-    summary = ["| preset | params | train steps | final train loss | train s | eval s | "
-               + " | ".join(f"CH0.9 {e}" for e in envs) + " | CH0.9 overall |",
-               "|---" * (7 + len(envs)) + "|"]
+    lines = [
+        "# Agent Continuation Bench: tiny presets on CPU",
+        "",
+        f"Generated by `bench/acb_baselines.py` on {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; "
+        f"CPU ({os.cpu_count()} cores, shared with other jobs), torch {torch.__version__}, "
+        f"Python {platform.python_version()}. Expected outcome (written before the run): "
+        "[../benchmark.md](../benchmark.md#expected-outcome-of-the-cpu-baselines-written-before-running-them).",
+        "",
+        f"Recipe, identical for every preset: `nestlm fit` default (synthetic train trajectories of 20-200 steps, "
+        f"256-token windows, batch 8, AdamW lr 3e-3, warmup {a.warmup} + cosine, seed 1234), "
+        f"{a.steps} optimizer steps "
+        f"(= {a.steps * 8 * 256:,} training tokens). Evaluation: held-out `test` episodes, seed {a.seed}; "
+        f"episodes per horizon {a.episodes} at H = {a.horizons} (envs {a.envs})"
+        + (
+            f", {a.long_episodes} at H = {a.long_horizons} ({a.long_envs} only: a 20,000-step episode is "
+            "150-200k tokens)"
+            if a.long_horizons
+            else ""
+        )
+        + ".",
+        "",
+        "Cells: accuracy on the probes of the last 10% of each episode [episode-bootstrap 95% CI]. "
+        "CH0.9 uses the horizons evaluated for that env.",
+        "",
+    ]
+    summary = [
+        "| preset | params | train steps | final train loss | train s | eval s | "
+        + " | ".join(f"CH0.9 {e}" for e in envs)
+        + " | CH0.9 overall |",
+        "|---" * (7 + len(envs)) + "|",
+    ]
     for r in results:
         rep = r["reports"][0]
         ch = {e: rep["envs"][e]["coherence_horizon"] for e in envs if e in rep["envs"]}
@@ -133,14 +213,21 @@ def write_markdown(results: list[dict], a: argparse.Namespace, path: Path) -> No
                 hs = {**rep["envs"][e]["horizons"], **er["horizons"]}
                 ch[e] = coherence_horizon({int(h): (m["accuracy"], m["chance"] or 0.0) for h, m in hs.items()})
         params = r.get("params", "")
-        summary.append(f"| {r['preset']} | {params} | {r['steps']} | {r['final_loss']:.3f} | "
-                       f"{r['train_seconds']:.0f} | "
-                       f"{r['eval_seconds']:.0f} | " + " | ".join(str(ch.get(e, '–')) for e in envs)
-                       + f" | {min(ch.values()) if ch else '–'} |")
+        summary.append(
+            f"| {r['preset']} | {params} | {r['steps']} | {r['final_loss']:.3f} | "
+            f"{r['train_seconds']:.0f} | "
+            f"{r['eval_seconds']:.0f} | "
+            + " | ".join(str(ch.get(e, "–")) for e in envs)
+            + f" | {min(ch.values()) if ch else '–'} |"
+        )
     lines += summary + [""]
     for e in envs:
-        lines += [f"## {e.upper()}", "", "| preset | chance | " + " | ".join(f"H={h}" for h in horizons) + " |",
-                  "|---" * (2 + len(horizons)) + "|"]
+        lines += [
+            f"## {e.upper()}",
+            "",
+            "| preset | chance | " + " | ".join(f"H={h}" for h in horizons) + " |",
+            "|---" * (2 + len(horizons)) + "|",
+        ]
         for r in results:
             cells, chance = [], None
             for h in horizons:
@@ -152,8 +239,12 @@ def write_markdown(results: list[dict], a: argparse.Namespace, path: Path) -> No
             lines.append(f"| {r['preset']} | {chance:.3f} | " if chance is not None else f"| {r['preset']} | – | ")
             lines[-1] += " | ".join(cells) + " |"
         lines += [""]
-    lines += ["## By probe kind (all evaluated horizons pooled)", "", "| preset | env | kind | accuracy | probes |",
-              "|---|---|---|---|---|"]
+    lines += [
+        "## By probe kind (all evaluated horizons pooled)",
+        "",
+        "| preset | env | kind | accuracy | probes |",
+        "|---|---|---|---|---|",
+    ]
     for r in results:
         for e in envs:
             pooled: dict[str, list[float]] = {}
@@ -164,14 +255,26 @@ def write_markdown(results: list[dict], a: argparse.Namespace, path: Path) -> No
                         pooled[k] = (c + v["accuracy"] * v["n_probes"], n + v["n_probes"])
             for k, (c, n) in sorted(pooled.items()):
                 lines.append(f"| {r['preset']} | {e} | {k} | {c / n:.3f} | {n} |")
-    lines += ["", "## Reproduce", "", "```bash",
-              f"python bench/acb_baselines.py --presets {a.presets} --steps {a.steps} --warmup {a.warmup} "
-              f"--episodes {a.episodes} --horizons {a.horizons}"
-              + (f" --long-horizons {a.long_horizons} --long-envs {a.long_envs} --long-episodes {a.long_episodes}"
-                 if a.long_horizons else "")
-              + "".join(f" --{k} {v}" for k, v in (("runs", a.runs), ("results", a.results), ("md", a.md))
-                        if v != DEFAULT_PATHS[k]),
-              "```", "", "Per preset, that runs:", ""]
+    lines += [
+        "",
+        "## Reproduce",
+        "",
+        "```bash",
+        f"python bench/acb_baselines.py --presets {a.presets} --steps {a.steps} --warmup {a.warmup} "
+        f"--episodes {a.episodes} --horizons {a.horizons}"
+        + (
+            f" --long-horizons {a.long_horizons} --long-envs {a.long_envs} --long-episodes {a.long_episodes}"
+            if a.long_horizons
+            else ""
+        )
+        + "".join(
+            f" --{k} {v}" for k, v in (("runs", a.runs), ("results", a.results), ("md", a.md)) if v != DEFAULT_PATHS[k]
+        ),
+        "```",
+        "",
+        "Per preset, that runs:",
+        "",
+    ]
     for r in results:
         lines += ["```bash", *r["commands"], "```"]
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -58,10 +58,24 @@ def worker(args: argparse.Namespace) -> None:
     with torch.inference_mode():
         s = score_episode(model, ep, chunk_size=args.chunk_size)
     wall, cpu = time.perf_counter() - t0, cpu_s() - c0
-    print(json.dumps({"horizon": args.horizon, "env": args.env, "tokens": len(ep.tokens), "wall_s": wall, "cpu_s": cpu,
-                      "generate_s": t_gen, "score_s": s.seconds, "tokens_per_s": len(ep.tokens) / s.seconds,
-                      "peak_rss_mb": peak_rss_mb(), "rss_after_model_mb": rss_model,
-                      "n_scored_probes": len(s.correct), "params": sum(p.numel() for p in model.parameters())}))
+    print(
+        json.dumps(
+            {
+                "horizon": args.horizon,
+                "env": args.env,
+                "tokens": len(ep.tokens),
+                "wall_s": wall,
+                "cpu_s": cpu,
+                "generate_s": t_gen,
+                "score_s": s.seconds,
+                "tokens_per_s": len(ep.tokens) / s.seconds,
+                "peak_rss_mb": peak_rss_mb(),
+                "rss_after_model_mb": rss_model,
+                "n_scored_probes": len(s.correct),
+                "params": sum(p.numel() for p in model.parameters()),
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -83,8 +97,21 @@ def main() -> None:
 
     rows = []
     for h in [int(x) for x in args.horizons.split(",")]:
-        cmd = [sys.executable, __file__, "--worker", "--horizon", str(h), "--env", args.env, "--preset", args.preset,
-               "--chunk-size", str(args.chunk_size), "--threads", str(args.threads)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            "--horizon",
+            str(h),
+            "--env",
+            args.env,
+            "--preset",
+            args.preset,
+            "--chunk-size",
+            str(args.chunk_size),
+            "--threads",
+            str(args.threads),
+        ]
         if args.ckpt:
             cmd += ["--ckpt", args.ckpt]
         load0 = os.getloadavg()[0]
@@ -94,21 +121,34 @@ def main() -> None:
         row = json.loads(res.stdout.strip().splitlines()[-1])
         row["loadavg_1m_start"], row["loadavg_1m_end"] = load0, os.getloadavg()[0]
         rows.append(row)
-        print(f"H={h:>6}  tokens={row['tokens']:>7}  wall={row['wall_s']:7.1f}s  cpu={row['cpu_s']:6.1f}s  "
-              f"tok/s={row['tokens_per_s']:7.0f}  "
-              f"peak_rss={row['peak_rss_mb']:7.1f} MB  load={load0:.1f}", flush=True)
+        print(
+            f"H={h:>6}  tokens={row['tokens']:>7}  wall={row['wall_s']:7.1f}s  cpu={row['cpu_s']:6.1f}s  "
+            f"tok/s={row['tokens_per_s']:7.0f}  "
+            f"peak_rss={row['peak_rss_mb']:7.1f} MB  load={load0:.1f}",
+            flush=True,
+        )
     by_h = {r["horizon"]: r for r in rows}
-    out = {"bench": "acb_speed", "preset": args.preset if not args.ckpt else None, "ckpt": args.ckpt,
-           "env": args.env, "chunk_size": args.chunk_size, "threads": args.threads, "runs": rows,
-           "device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} logical cores)",
-           "torch": torch.__version__, "python": platform.python_version(),
-           "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    out = {
+        "bench": "acb_speed",
+        "preset": args.preset if not args.ckpt else None,
+        "ckpt": args.ckpt,
+        "env": args.env,
+        "chunk_size": args.chunk_size,
+        "threads": args.threads,
+        "runs": rows,
+        "device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} logical cores)",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
     if 20000 in by_h and 2000 in by_h:
         ratio = by_h[20000]["peak_rss_mb"] / by_h[2000]["peak_rss_mb"]
         out["rss_ratio_20000_vs_2000"] = ratio
-        out["targets"] = {"wall_20000_le_120s": by_h[20000]["wall_s"] <= 120,
-                          "cpu_20000_le_240s (2 cores x 120 s)": by_h[20000]["cpu_s"] <= 240,
-                          "rss_within_10pct": abs(ratio - 1) <= 0.10}
+        out["targets"] = {
+            "wall_20000_le_120s": by_h[20000]["wall_s"] <= 120,
+            "cpu_20000_le_240s (2 cores x 120 s)": by_h[20000]["cpu_s"] <= 240,
+            "rss_within_10pct": abs(ratio - 1) <= 0.10,
+        }
         print(f"peak RSS ratio H=20000 / H=2000 = {ratio:.3f}   targets: {out['targets']}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")

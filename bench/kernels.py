@@ -213,7 +213,8 @@ def measure(D: int, L: int, args, dtype: torch.dtype, in_bytes: int, bw: float) 
     os.environ["NESTLM_BACKEND"] = "torch"
     try:
         row["torch_fwdbwd_ms"], row["torch_error"] = try_time(
-            "torch eager", lambda: run_torch_path(xs, C, True), args.torch_repeats)
+            "torch eager", lambda: run_torch_path(xs, C, True), args.torch_repeats
+        )
         if L <= args.compile_max_len:
             compiled = torch.compile(lambda: run_torch_path(xs, C, True))
             t0 = time.perf_counter()
@@ -221,7 +222,8 @@ def measure(D: int, L: int, args, dtype: torch.dtype, in_bytes: int, bw: float) 
                 compiled()
                 row["compile_s"] = time.perf_counter() - t0
                 row["compiled_fwdbwd_ms"], row["compiled_error"] = try_time(
-                    "torch compiled", compiled, args.torch_repeats)
+                    "torch compiled", compiled, args.torch_repeats
+                )
             except Exception as err:
                 row["compiled_fwdbwd_ms"], row["compiled_error"] = None, f"{type(err).__name__}"
         else:
@@ -243,19 +245,23 @@ def main() -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--torch-repeats", type=int, default=3)
-    ap.add_argument("--compile-max-len", type=int, default=8192,
-                    help="torch.compile unrolls the chunk loop: skip it above this length")
+    ap.add_argument(
+        "--compile-max-len",
+        type=int,
+        default=8192,
+        help="torch.compile unrolls the chunk loop: skip it above this length",
+    )
     ap.add_argument("--no-baselines", action="store_true", help="skip fla and mamba-ssm")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
     if not torch.cuda.is_available():
-        print("bench/kernels.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing measured.",
-              file=sys.stderr)
+        print(
+            "bench/kernels.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing measured.", file=sys.stderr
+        )
         return 2
     if _csrc.load() is None:
-        print("the csrc extension could not be built or loaded (see the log above); nothing measured.",
-              file=sys.stderr)
+        print("the csrc extension could not be built or loaded (see the log above); nothing measured.", file=sys.stderr)
         return 2
     dtype = getattr(torch, args.dtype)
     in_bytes = torch.tensor([], dtype=dtype).element_size()
@@ -279,18 +285,22 @@ def main() -> int:
     def fmt(x, spec=".2f"):
         return "-" if x is None else format(x, spec)
 
-    print(f"\n{'D':>4} {'L':>6} {'fwd ms':>8} {'fwd+bwd ms':>10} {'io BW%':>7} {'design BW%':>10} "
-          f"{'torch ms':>9} {'x eager':>8} {'compiled ms':>11} {'x compiled':>10} {'fla ms':>8} {'ssd ms':>8}")
+    print(
+        f"\n{'D':>4} {'L':>6} {'fwd ms':>8} {'fwd+bwd ms':>10} {'io BW%':>7} {'design BW%':>10} "
+        f"{'torch ms':>9} {'x eager':>8} {'compiled ms':>11} {'x compiled':>10} {'fla ms':>8} {'ssd ms':>8}"
+    )
     for r in rows:
         fla = r.get("fla_chunk_gated_delta_rule", {}).get("fwdbwd_ms")
         ssd = r.get("mamba_ssd", {}).get("fwdbwd_ms")
         io = r.get("fwdbwd_io_bw_fraction")
         design = r.get("fwdbwd_design_bw_fraction")
-        print(f"{r['D']:>4} {r['L']:>6} {fmt(r['kernel_fwd_ms']):>8} {fmt(r['kernel_fwdbwd_ms']):>10} "
-              f"{fmt(io and 100 * io, '.1f'):>7} {fmt(design and 100 * design, '.1f'):>10} "
-              f"{fmt(r.get('torch_fwdbwd_ms')):>9} {fmt(r.get('speedup_vs_torch')):>8} "
-              f"{fmt(r.get('compiled_fwdbwd_ms')):>11} {fmt(r.get('speedup_vs_compiled')):>10} "
-              f"{fmt(fla):>8} {fmt(ssd):>8}")
+        print(
+            f"{r['D']:>4} {r['L']:>6} {fmt(r['kernel_fwd_ms']):>8} {fmt(r['kernel_fwdbwd_ms']):>10} "
+            f"{fmt(io and 100 * io, '.1f'):>7} {fmt(design and 100 * design, '.1f'):>10} "
+            f"{fmt(r.get('torch_fwdbwd_ms')):>9} {fmt(r.get('speedup_vs_torch')):>8} "
+            f"{fmt(r.get('compiled_fwdbwd_ms')):>11} {fmt(r.get('speedup_vs_compiled')):>10} "
+            f"{fmt(fla):>8} {fmt(ssd):>8}"
+        )
 
     result = {
         "device": props.name,

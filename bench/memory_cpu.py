@@ -100,8 +100,7 @@ class CMSScanOp(torch.nn.Module):
             self.inputs[str(L)] = torch.nn.Parameter(torch.cat((u, k, torch.randn(1, L, self.d, generator=g)), -1))
         u, k, v = self.inputs[str(L)].split((self.n, self.n, self.d), -1)
         eta = torch.full((1, L), 0.5)
-        y, *_ = self.scan(u, k, v, eta, self.W, torch.zeros_like(self.W), torch.zeros(1, dtype=torch.long),
-                          self.period)
+        y, *_ = self.scan(u, k, v, eta, self.W, torch.zeros_like(self.W), torch.zeros(1, dtype=torch.long), self.period)
         return y, None
 
 
@@ -149,8 +148,13 @@ def main() -> None:
     ap.add_argument("--layers", default="", help="comma-separated name prefixes to run (default: all)")
     ap.add_argument("--quick", action="store_true", help="lengths 256,512, one rep (smoke run)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "memory_cpu.json"))
-    ap.add_argument("--mmap-threshold", type=int, default=None, metavar="BYTES",
-                    help="glibc mallopt(M_MMAP_THRESHOLD) for this process (see the module doc)")
+    ap.add_argument(
+        "--mmap-threshold",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help="glibc mallopt(M_MMAP_THRESHOLD) for this process (see the module doc)",
+    )
     ap.add_argument("--summarize", metavar="JSON", help="recompute the summary of an earlier result file and exit")
     args = ap.parse_args()
     if args.summarize:

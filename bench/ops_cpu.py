@@ -122,8 +122,13 @@ def _call_conv(fn: Callable, args: list[torch.Tensor], kw: dict):
 
 
 OPS = {
-    "selective_scan": ("b=2 d=256 n=16", _inputs_selective_scan, _call_selective_scan, selective_scan,
-                       selective_scan_ref),
+    "selective_scan": (
+        "b=2 d=256 n=16",
+        _inputs_selective_scan,
+        _call_selective_scan,
+        selective_scan,
+        selective_scan_ref,
+    ),
     "ssd_scan": ("b=2 h=8 p=32 n=16 chunk_size=64", _inputs_ssd, _call_ssd, ssd_scan, ssd_scan_ref),
     "causal_conv1d": ("b=2 d=256 w=4", _inputs_conv, _call_conv, causal_conv1d, causal_conv1d_ref),
 }

@@ -75,22 +75,30 @@ def make_pair(kind: str):
 
     torch.manual_seed(0)
     if kind == "mamba":
-        cfg = transformers.MambaConfig(hidden_size=D_MODEL, state_size=D_STATE, expand=EXPAND,
-                                       num_hidden_layers=1)
+        cfg = transformers.MambaConfig(hidden_size=D_MODEL, state_size=D_STATE, expand=EXPAND, num_hidden_layers=1)
         theirs = MambaMixer(cfg, 0)
         ours = Mamba(D_MODEL, d_state=D_STATE, expand=EXPAND)
     else:
-        cfg = transformers.Mamba2Config(hidden_size=D_MODEL, state_size=D_STATE, expand=EXPAND,
-                                        head_dim=HEADDIM, num_heads=EXPAND * D_MODEL // HEADDIM, n_groups=1,
-                                        chunk_size=CHUNK, num_hidden_layers=1, layer_norm_epsilon=1e-5)
+        cfg = transformers.Mamba2Config(
+            hidden_size=D_MODEL,
+            state_size=D_STATE,
+            expand=EXPAND,
+            head_dim=HEADDIM,
+            num_heads=EXPAND * D_MODEL // HEADDIM,
+            n_groups=1,
+            chunk_size=CHUNK,
+            num_hidden_layers=1,
+            layer_norm_epsilon=1e-5,
+        )
         theirs = Mamba2Mixer(cfg, 0)
         ours = Mamba2(D_MODEL, d_state=D_STATE, expand=EXPAND, headdim=HEADDIM, chunk_size=CHUNK)
     ours.load_state_dict(theirs.state_dict())
     return ours, theirs
 
 
-def layer_section(lengths=(1024, 4096), repeats: int = 3, hf_mamba_max_len: int = 1024,
-                  layers=("mamba", "mamba2")) -> list[dict]:
+def layer_section(
+    lengths=(1024, 4096), repeats: int = 3, hf_mamba_max_len: int = 1024, layers=("mamba", "mamba2")
+) -> list[dict]:
     """Time our layers and the transformers mixers; one row per (layer, L)."""
     logging.getLogger("transformers").setLevel(logging.ERROR)
     rows = []
@@ -104,27 +112,43 @@ def layer_section(lengths=(1024, 4096), repeats: int = 3, hf_mamba_max_len: int 
             hf_repeats = repeats if kind == "mamba2" else 1 if L <= hf_mamba_max_len else None
             t_ours, t_hf, y_ours, y_hf = time_pair(ours, theirs, x, repeats, hf_repeats)
             best = min(t_ours)
-            row = {"layer": kind, "L": L, "batch": BATCH, "ours_s": best,
-                   "ours_s_median": statistics.median(t_ours), "ours_tok_s": BATCH * L / best, "hf": hf_name}
+            row = {
+                "layer": kind,
+                "L": L,
+                "batch": BATCH,
+                "ours_s": best,
+                "ours_s_median": statistics.median(t_ours),
+                "ours_tok_s": BATCH * L / best,
+                "hf": hf_name,
+            }
             if not t_hf:
                 row.update({k: None for k in ("hf_s", "hf_s_median", "hf_tok_s", "speedup", "max_rel_diff")})
             else:
-                row.update(hf_s=min(t_hf), hf_s_median=statistics.median(t_hf),
-                           hf_tok_s=BATCH * L / min(t_hf), speedup=min(t_hf) / best,
-                           max_rel_diff=((y_ours - y_hf).abs().max() / y_hf.abs().max()).item())
+                row.update(
+                    hf_s=min(t_hf),
+                    hf_s_median=statistics.median(t_hf),
+                    hf_tok_s=BATCH * L / min(t_hf),
+                    speedup=min(t_hf) / best,
+                    max_rel_diff=((y_ours - y_hf).abs().max() / y_hf.abs().max()).item(),
+                )
             rows.append(row)
             print_row(row)
     return rows
 
 
 def print_header() -> None:
-    print(f"{'layer':<8}{'L':>6}{'ours s':>10}{'ours tok/s':>12}{'HF mixer':>13}{'HF s':>10}{'HF tok/s':>10}"
-          f"{'speedup':>9}{'rel diff':>10}")
+    print(
+        f"{'layer':<8}{'L':>6}{'ours s':>10}{'ours tok/s':>12}{'HF mixer':>13}{'HF s':>10}{'HF tok/s':>10}"
+        f"{'speedup':>9}{'rel diff':>10}"
+    )
 
 
 def print_row(r: dict) -> None:
-    hf = (f"{r['hf_s']:>10.3f}{r['hf_tok_s']:>10.0f}{r['speedup']:>8.1f}x{r['max_rel_diff']:>10.1e}"
-          if r["hf_s"] is not None else f"{'(not run)':>10}{'':>10}{'':>9}{'':>10}")
+    hf = (
+        f"{r['hf_s']:>10.3f}{r['hf_tok_s']:>10.0f}{r['speedup']:>8.1f}x{r['max_rel_diff']:>10.1e}"
+        if r["hf_s"] is not None
+        else f"{'(not run)':>10}{'':>10}{'':>9}{'':>10}"
+    )
     ours = f"{r['layer']:<8}{r['L']:>6}{r['ours_s']:>10.3f}{r['ours_tok_s']:>12.0f}{r['hf']:>13}"
     print(ours + hf, flush=True)
 
@@ -132,10 +156,14 @@ def print_row(r: dict) -> None:
 def environment() -> dict:
     import transformers
 
-    return {"device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
-            "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version(),
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    return {
+        "device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def store(section: str, payload: dict, path: Path = RESULTS) -> None:
@@ -151,19 +179,32 @@ def main() -> None:
     ap.add_argument("--lengths", default="1024,4096")
     ap.add_argument("--layers", default="mamba,mamba2")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--hf-mamba-max-len", type=int, default=1024,
-                    help="longest L at which transformers' MambaMixer token loop is timed")
+    ap.add_argument(
+        "--hf-mamba-max-len",
+        type=int,
+        default=1024,
+        help="longest L at which transformers' MambaMixer token loop is timed",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     lengths = [int(v) for v in args.lengths.split(",")]
     env = environment()
-    print(f"layers fwd+bwd, fp32, batch {BATCH}, d_model {D_MODEL}; {env['device']}, {env['threads']} "
-          f"threads, torch {env['torch']}, transformers {env['transformers']}")
+    print(
+        f"layers fwd+bwd, fp32, batch {BATCH}, d_model {D_MODEL}; {env['device']}, {env['threads']} "
+        f"threads, torch {env['torch']}, transformers {env['transformers']}"
+    )
     print_header()
     rows = layer_section(lengths, args.repeats, args.hf_mamba_max_len, args.layers.split(","))
-    config = {"batch": BATCH, "d_model": D_MODEL, "expand": EXPAND, "d_state": D_STATE,
-              "mamba2_headdim": HEADDIM,
-              "mamba2_chunk": CHUNK, "dtype": "float32", "repeats": args.repeats}
+    config = {
+        "batch": BATCH,
+        "d_model": D_MODEL,
+        "expand": EXPAND,
+        "d_state": D_STATE,
+        "mamba2_headdim": HEADDIM,
+        "mamba2_chunk": CHUNK,
+        "dtype": "float32",
+        "repeats": args.repeats,
+    }
     store("layers", {**env, "config": config, "rows": rows}, args.out)
     print(f"wrote {args.out}")
 

@@ -38,8 +38,9 @@ def main() -> None:
     load0 = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "nestlm", "fit", *a.extra], cwd=tmp, env=env,
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "nestlm", "fit", *a.extra], cwd=tmp, env=env, capture_output=True, text=True
+        )
         wall = time.perf_counter() - t0
         ru = resource.getrusage(resource.RUSAGE_CHILDREN)
         if proc.returncode != 0:
@@ -48,14 +49,20 @@ def main() -> None:
         losses = [json.loads(x) for x in (run / "losses.jsonl").read_text().splitlines() if x.strip()]
         exported = (run / "export" / "model.safetensors").is_file()
     row = {
-        "command": "nestlm fit " + " ".join(a.extra), "wall_s": round(wall, 1),
+        "command": "nestlm fit " + " ".join(a.extra),
+        "wall_s": round(wall, 1),
         "cpu_s": round(ru.ru_utime + ru.ru_stime, 1),
-        "steps": len(losses), "s_per_step": round(wall / max(len(losses), 1), 3),
-        "first_loss": losses[0]["loss"] if losses else None, "last_loss": losses[-1]["loss"] if losses else None,
-        "exported": exported, "threads": a.threads or torch.get_num_threads(),
-        "loadavg_before": [round(x, 2) for x in load0], "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        "steps": len(losses),
+        "s_per_step": round(wall / max(len(losses), 1), 3),
+        "first_loss": losses[0]["loss"] if losses else None,
+        "last_loss": losses[-1]["loss"] if losses else None,
+        "exported": exported,
+        "threads": a.threads or torch.get_num_threads(),
+        "loadavg_before": [round(x, 2) for x in load0],
+        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         "device": f"cpu x{os.cpu_count()} ({platform.processor() or platform.machine()})",
-        "torch": torch.__version__, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     for k, v in row.items():
         print(f"{k:16s} {v}")

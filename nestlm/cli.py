@@ -1,9 +1,9 @@
 """`nestlm` console script: dispatches sub-commands to the modules that own them.
 
-    nestlm fit|validate|test [...]   LightningCLI (nestlm.train.cli)
-    nestlm export CKPT OUT_DIR       Lightning .ckpt -> config.json + model.safetensors
-    nestlm prepare-data ...          tokenize local text files into memmapped shards
-    nestlm eval --ckpt PATH ...      Agent Continuation Bench (nestlm.eval.cli)
+nestlm fit|validate|test [...]   LightningCLI (nestlm.train.cli)
+nestlm export CKPT OUT_DIR       Lightning .ckpt -> config.json + model.safetensors
+nestlm prepare-data ...          tokenize local text files into memmapped shards
+nestlm eval --ckpt PATH ...      Agent Continuation Bench (nestlm.eval.cli)
 """
 
 from __future__ import annotations

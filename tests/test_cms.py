@@ -37,8 +37,10 @@ def pieces(t: int, rng: random.Random) -> list[tuple[int, int]]:
     return cuts
 
 
-@pytest.mark.parametrize("t,periods", [(1, (None, 3, 7)), (63, (None, 3, 7)), (257, (None, 3, 7)),
-                                       (1, (5, None, 1, 16)), (41, (5, None, 1, 16))])
+@pytest.mark.parametrize(
+    "t,periods",
+    [(1, (None, 3, 7)), (63, (None, 3, 7)), (257, (None, 3, 7)), (1, (5, None, 1, 16)), (41, (5, None, 1, 16))],
+)
 def test_chunked_equals_token_loop(t, periods):
     m = make_cms(periods)
     x = torch.randn(2, t, 16, dtype=torch.float64, requires_grad=True)

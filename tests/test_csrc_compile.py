@@ -32,12 +32,21 @@ def compiles(tmp_path_factory):
     jobs = {}
     if NVCC is not None:
         for src in CU_FILES:
-            cmd = [NVCC, "-c", "-arch=sm_90", "-std=c++17", "-O1", "-Werror", "all-warnings", str(src),
-                   "-o", str(out / (src.stem + ".o"))]
+            cmd = [
+                NVCC,
+                "-c",
+                "-arch=sm_90",
+                "-std=c++17",
+                "-O1",
+                "-Werror",
+                "all-warnings",
+                str(src),
+                "-o",
+                str(out / (src.stem + ".o")),
+            ]
             jobs[src.name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if CXX is not None:
-        jobs["bind"] = subprocess.Popen(_binding_cmd(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                        text=True)
+        jobs["bind"] = subprocess.Popen(_binding_cmd(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     yield jobs
     for job in jobs.values():
         if job.poll() is None:

@@ -28,13 +28,35 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 def lib(tmp_path_factory):
     if CXX is None:
         pytest.skip("no g++ to build the CPU emulation of the kernels")
-    files = [*SOURCES, EMU / "emu_main.cpp", EMU / "cuda_runtime.h", EMU / "cuda_bf16.h",
-             ROOT / "csrc" / "memory_scan.h", ROOT / "csrc" / "memory_scan_common.cuh"]
+    files = [
+        *SOURCES,
+        EMU / "emu_main.cpp",
+        EMU / "cuda_runtime.h",
+        EMU / "cuda_bf16.h",
+        ROOT / "csrc" / "memory_scan.h",
+        ROOT / "csrc" / "memory_scan_common.cuh",
+    ]
     digest = hashlib.sha1(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]
     out = tmp_path_factory.mktemp("emu") / f"libmemscan_emu_{digest}.so"
-    cmd = [CXX, "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-Wl,--no-undefined",
-           f"-I{EMU}", f"-I{ROOT / 'csrc'}", "-x", "c++", *map(str, SOURCES), "-x", "none",
-           str(EMU / "emu_main.cpp"), "-o", str(out)]
+    cmd = [
+        CXX,
+        "-std=c++20",
+        "-O1",
+        "-fPIC",
+        "-shared",
+        "-pthread",
+        "-Wl,--no-undefined",
+        f"-I{EMU}",
+        f"-I{ROOT / 'csrc'}",
+        "-x",
+        "c++",
+        *map(str, SOURCES),
+        "-x",
+        "none",
+        str(EMU / "emu_main.cpp"),
+        "-o",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     so = ctypes.CDLL(str(out))
@@ -72,16 +94,29 @@ def kernel_fwd(lib, q, k, v, lr, mom, dec, W, S, A, C, offset, y_dtype):
 def kernel_bwd(lib, q, k, v, lr, mom, dec, A, Wst, Sst, C, offset, dy, dW, dS, dA_end, first_order):
     b, L, h, dk = q.shape
     dv = v.shape[-1]
-    dims = [b, L, h, dk, dv, C, offset, int(q.dtype == torch.bfloat16), int(dy.dtype == torch.bfloat16),
-            int(first_order)]
+    dims = [
+        b,
+        L,
+        h,
+        dk,
+        dv,
+        C,
+        offset,
+        int(q.dtype == torch.bfloat16),
+        int(dy.dtype == torch.bfloat16),
+        int(first_order),
+    ]
     ns = dv // lib.emu_bwd_rows(dv)
     dq_p, dk_p = (torch.full((ns, b, L, h, dk), NAN) for _ in range(2))
     dg = torch.full((3, ns, b, L, h), NAN)
     dv_out = torch.full(v.shape, NAN, dtype=v.dtype)
     dW0, dS0 = torch.full(A.shape, NAN), torch.full(A.shape, NAN)
     dA = torch.full(A.shape, NAN) if offset % C else torch.zeros(A.shape)
-    _call(lib.emu_bwd, dims, [q, k, v, dy, lr, mom, dec, A, Wst, Sst, dW, dS, dA_end, dq_p, dk_p, dv_out,
-                              dg[0], dg[1], dg[2], dW0, dS0, dA])
+    _call(
+        lib.emu_bwd,
+        dims,
+        [q, k, v, dy, lr, mom, dec, A, Wst, Sst, dW, dS, dA_end, dq_p, dk_p, dv_out, dg[0], dg[1], dg[2], dW0, dS0, dA],
+    )
     g = dg.sum(1)
     return dq_p.sum(0), dk_p.sum(0), dv_out, g[0], g[1], g[2], dW0, dS0, dA
 
@@ -146,8 +181,9 @@ def test_emulated_kernels_match_token_loop(lib, b, L, h, dk, dv, C, offset, dtyp
     for name, o, r in zip(("y", "W", "S", "A"), (y, W1, S1, A1), (y_r, *st_r)):
         assert rel(o, r.detach()) < tol, name
     dy = cots[0].to(y_dtype).contiguous()
-    grads = kernel_bwd(lib, *qkv, *rest[:3], A, Wst, Sst, C, offset, dy,
-                       *(c.float().contiguous() for c in cots[1:]), first_order)
+    grads = kernel_bwd(
+        lib, *qkv, *rest[:3], A, Wst, Sst, C, offset, dy, *(c.float().contiguous() for c in cots[1:]), first_order
+    )
     names = ["q", "k", "v", "lr", "momentum", "decay", "W", "S", "W_anchor"]
     for name, o, r in zip(names, grads, g_r):
         if name == "W_anchor" and aligned:
@@ -164,6 +200,5 @@ def test_shared_memory_fits_hopper_at_the_largest_shape(lib):
     rest = [t.float().contiguous() for t in x[3:]]
     _, _, _, _, Wst, Sst = kernel_fwd(lib, *qkv, *rest[:5], rest[3], 64, 0, torch.float32)
     zeros = torch.zeros_like(rest[3])
-    kernel_bwd(lib, *qkv, *rest[:3], rest[3], Wst, Sst, 64, 0, torch.randn(x[2].shape), zeros, zeros, zeros,
-               False)
+    kernel_bwd(lib, *qkv, *rest[:3], rest[3], Wst, Sst, 64, 0, torch.randn(x[2].shape), zeros, zeros, zeros, False)
     assert 0 < lib.emu_max_smem_bytes() <= 227 * 1024

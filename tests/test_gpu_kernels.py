@@ -46,18 +46,19 @@ def check_case(b, L, h, dk, dv, C, offset, dtype, first_order=False):
     needs_anchor = offset % C != 0
     n_in = 9 if needs_anchor else 8
     ref_in = [t.clone().requires_grad_(True) for t in cpu[:n_in]]
-    dev_in = [t.to("cuda", dtype if i < 3 else torch.float32).requires_grad_(True)
-              for i, t in enumerate(cpu[:n_in])]
+    dev_in = [t.to("cuda", dtype if i < 3 else torch.float32).requires_grad_(True) for i, t in enumerate(cpu[:n_in])]
     anchor_ref = ref_in[8] if needs_anchor else None
     anchor_dev = dev_in[8] if needs_anchor else None
     if first_order:
         memory = pytest.importorskip("nestlm.ops.memory")
-        y_r, st_r = memory.linear_memory_scan_ref(*ref_in[:8], anchor_ref, chunk_size=C, offset=offset,
-                                                  first_order=True)
+        y_r, st_r = memory.linear_memory_scan_ref(
+            *ref_in[:8], anchor_ref, chunk_size=C, offset=offset, first_order=True
+        )
     else:
         y_r, st_r = linear_memory_scan_loop(*ref_in[:8], anchor_ref, chunk_size=C, offset=offset)
-    y, st = linear_memory_scan_fused(*dev_in[:8], anchor_dev, chunk_size=C, offset=offset,
-                                     first_order=first_order, use_kernel=True)
+    y, st = linear_memory_scan_fused(
+        *dev_in[:8], anchor_dev, chunk_size=C, offset=offset, first_order=first_order, use_kernel=True
+    )
     tol = TOL[dtype]
     errs = {"y": rel(y, y_r)}
     for name, o, r in zip(("W_end", "S_end", "A_end"), st, st_r):
@@ -103,14 +104,24 @@ def test_kernel_streaming_pieces_equal_one_call(ext):
     C = 16
     x = [t.to("cuda", torch.float32) for t in random_inputs(2, 150, 2, 64, 64)]
     q, k, v, lr, mom, dec, W, S, _ = x
-    y_full, (W_full, S_full, _) = linear_memory_scan_fused(q, k, v, lr, mom, dec, W, S, chunk_size=C,
-                                                          use_kernel=True)
+    y_full, (W_full, S_full, _) = linear_memory_scan_fused(q, k, v, lr, mom, dec, W, S, chunk_size=C, use_kernel=True)
     ys, A, pos = [], None, 0
     for n in (1, 20, 16, 37, 64, 12):
         sl = slice(pos, pos + n)
-        y, (W, S, A) = linear_memory_scan_fused(q[:, sl], k[:, sl], v[:, sl], lr[:, sl], mom[:, sl],
-                                                dec[:, sl], W, S, A, chunk_size=C, offset=pos,
-                                                use_kernel=True)
+        y, (W, S, A) = linear_memory_scan_fused(
+            q[:, sl],
+            k[:, sl],
+            v[:, sl],
+            lr[:, sl],
+            mom[:, sl],
+            dec[:, sl],
+            W,
+            S,
+            A,
+            chunk_size=C,
+            offset=pos,
+            use_kernel=True,
+        )
         ys.append(y)
         pos += n
     assert pos == 150

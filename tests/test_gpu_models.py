@@ -22,5 +22,6 @@ def test_cuda_streaming_fp32_and_bf16(preset):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = model(x)
         assert torch.isfinite(out.logits).all()
-        assert all(t.dtype in (torch.float32, torch.int64) for k, t in out.state.flat().items()
-                   if not k.endswith((".k", ".v"))), "recurrent state must stay fp32 under autocast"
+        assert all(
+            t.dtype in (torch.float32, torch.int64) for k, t in out.state.flat().items() if not k.endswith((".k", ".v"))
+        ), "recurrent state must stay fp32 under autocast"

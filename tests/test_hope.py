@@ -112,8 +112,14 @@ def test_gradcheck_through_one_inner_update():
 
     def f(xh, q, log_mu, b_eta, b_alpha, aux0, mem0):
         aux, mem = aux0.expand(b, -1, -1, -1), mem0.expand(b, -1, -1, -1)
-        st = {"aux_W": aux, "aux_A": aux, "aux_S": torch.zeros_like(aux), "mem_W": mem, "mem_A": mem,
-              "mem_S": torch.zeros_like(mem)}
+        st = {
+            "aux_W": aux,
+            "aux_A": aux,
+            "aux_S": torch.zeros_like(aux),
+            "mem_W": mem,
+            "mem_A": mem,
+            "mem_S": torch.zeros_like(mem),
+        }
         st["pos"] = torch.zeros(b, dtype=torch.long)
         # chunks of 2: token 3 reads the memory after one inner update
         o, s = selfmod_scan(xh, q, log_mu, b_eta, b_alpha, aux0, mem0, 0.7, st, 2, 2)
@@ -168,9 +174,9 @@ def test_bad_input():
     y, _ = m(x, s)
     m.impl = "chunked"
     for r in range(2):
-        sr = {k: v[r:r + 1] for k, v in s.items()}
-        yr, _ = m(x[r:r + 1], sr)
-        assert torch.allclose(yr, y[r:r + 1], rtol=1e-10, atol=1e-13)
+        sr = {k: v[r : r + 1] for k, v in s.items()}
+        yr, _ = m(x[r : r + 1], sr)
+        assert torch.allclose(yr, y[r : r + 1], rtol=1e-10, atol=1e-13)
 
 
 def test_ops_reference_matches_from_mid_chunk():
@@ -178,9 +184,17 @@ def test_ops_reference_matches_from_mid_chunk():
     b, t, h, c = 2, 23, 2, 3
     xh, q = torch.randn(b, t, h, c, dtype=torch.float64), torch.randn(b, t, h, c, dtype=torch.float64)
     log_mu = -torch.rand(b, t, h, dtype=torch.float64)
-    st = {k: torch.randn(b, h, r, c, dtype=torch.float64) * 0.3
-          for k, r in (("aux_W", 2 * c + 2), ("aux_A", 2 * c + 2), ("aux_S", 2 * c + 2), ("mem_W", c),
-                       ("mem_A", c), ("mem_S", c))}
+    st = {
+        k: torch.randn(b, h, r, c, dtype=torch.float64) * 0.3
+        for k, r in (
+            ("aux_W", 2 * c + 2),
+            ("aux_A", 2 * c + 2),
+            ("aux_S", 2 * c + 2),
+            ("mem_W", c),
+            ("mem_A", c),
+            ("mem_S", c),
+        )
+    }
     st["pos"] = torch.full((b,), 13, dtype=torch.long)
     z = torch.zeros(h, dtype=torch.float64)
     args = (xh, q, log_mu, z, z, st["aux_A"][0], st["mem_A"][1], 0.3, st, 6, 4)

@@ -21,8 +21,7 @@ LAYERS = {
     "shortconv_w3_nobias_noact": lambda: ShortConv(5, kernel_size=3, activation=None, bias=False),
     "mamba": lambda: Mamba(D_MODEL, d_state=5, d_conv=4, expand=2),
     "mamba2": lambda: Mamba2(D_MODEL, d_state=6, d_conv=4, expand=2, headdim=8, ngroups=1, chunk_size=16),
-    "mamba2_groups": lambda: Mamba2(D_MODEL, d_state=5, d_conv=3, expand=2, headdim=8, ngroups=3,
-                                    chunk_size=7),
+    "mamba2_groups": lambda: Mamba2(D_MODEL, d_state=5, d_conv=3, expand=2, headdim=8, ngroups=3, chunk_size=7),
 }
 
 
@@ -49,7 +48,7 @@ def run_pieces(layer, x, sizes, state=None):
     ys = []
     t0 = 0
     for n in sizes:
-        y, state = layer(x[:, t0:t0 + n], state)
+        y, state = layer(x[:, t0 : t0 + n], state)
         ys.append(y)
         t0 += n
     assert t0 == x.shape[1]
@@ -264,8 +263,17 @@ def test_matches_huggingface_mixers():
     with torch.no_grad():
         assert rel_err(ours(x)[0], hf.eval()(x)) < 1e-5
 
-    cfg = transformers.Mamba2Config(hidden_size=32, state_size=8, expand=2, head_dim=16, num_heads=4,
-                                    n_groups=2, chunk_size=16, num_hidden_layers=1, layer_norm_epsilon=1e-5)
+    cfg = transformers.Mamba2Config(
+        hidden_size=32,
+        state_size=8,
+        expand=2,
+        head_dim=16,
+        num_heads=4,
+        n_groups=2,
+        chunk_size=16,
+        num_hidden_layers=1,
+        layer_norm_epsilon=1e-5,
+    )
     hf = Mamba2Mixer(cfg, 0)
     ours = Mamba2(32, d_state=8, headdim=16, ngroups=2, chunk_size=16)
     ours.load_state_dict(hf.state_dict())

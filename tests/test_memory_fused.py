@@ -42,14 +42,14 @@ def test_coefficient_backward_matches_autograd(n):
     ws = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in (a, c, E, B, gamma)]
     loss = sum((w * t).sum() for w, t in zip(ws, (a, c, E, B, gamma)))
     ref = torch.autograd.grad(loss, (th, et, al))
-    got = chunk_coefficients_backward(th.detach(), et.detach(), al.detach(), P.detach(), gg.detach(),
-                                      D.detach(), *ws)
+    got = chunk_coefficients_backward(th.detach(), et.detach(), al.detach(), P.detach(), gg.detach(), D.detach(), *ws)
     for r, o in zip(ref, got):
         assert rel(o, r) < 1e-12
 
 
-@pytest.mark.parametrize("L,C,off,dk,dv", [(1, 16, 0, 5, 3), (63, 16, 0, 8, 6), (63, 16, 9, 4, 7),
-                                           (37, 4, 3, 6, 5), (20, 5, 0, 3, 3)])
+@pytest.mark.parametrize(
+    "L,C,off,dk,dv", [(1, 16, 0, 5, 3), (63, 16, 0, 8, 6), (63, 16, 9, 4, 7), (37, 4, 3, 6, 5), (20, 5, 0, 3, 3)]
+)
 def test_forward_backward_match_token_loop(L, C, off, dk, dv):
     inputs = random_inputs(2, L, 3, dk, dv)
     for t in inputs:
@@ -97,10 +97,10 @@ def test_matches_memory_op_reference(first_order, L, C, off):
     xs = [t.clone().requires_grad_(True) for t in x]
     xr = [t.clone().requires_grad_(True) for t in x]
     n = 9 if off else 8
-    out = linear_memory_scan_fused(*xs[:8], xs[8] if off else None, chunk_size=C, offset=off,
-                                   first_order=first_order)
-    ref = memory.linear_memory_scan_ref(*xr[:8], xr[8] if off else None, chunk_size=C, offset=off,
-                                        first_order=first_order)
+    out = linear_memory_scan_fused(*xs[:8], xs[8] if off else None, chunk_size=C, offset=off, first_order=first_order)
+    ref = memory.linear_memory_scan_ref(
+        *xr[:8], xr[8] if off else None, chunk_size=C, offset=off, first_order=first_order
+    )
     outs, refs = (out[0], *out[1]), (ref[0], *ref[1])
     for o, r in zip(outs, refs):
         assert rel(o, r) < 1e-10

@@ -13,8 +13,20 @@ import yaml
 from nestlm.models import HybridConfig, HybridLM, State
 from nestlm.models.presets import PRESETS, SIZES
 
-SMALL = dict(vocab_size=61, d_model=32, n_heads=4, window=7, ssm_headdim=16, ssm_d_state=8, ssm_chunk_size=8,
-             mem_heads=2, mem_head_dim=8, mem_chunk_size=5, hope_chunk_size=3, cms_periods=[None, 3, 7])
+SMALL = dict(
+    vocab_size=61,
+    d_model=32,
+    n_heads=4,
+    window=7,
+    ssm_headdim=16,
+    ssm_d_state=8,
+    ssm_chunk_size=8,
+    mem_heads=2,
+    mem_head_dim=8,
+    mem_chunk_size=5,
+    hope_chunk_size=3,
+    cms_periods=[None, 3, 7],
+)
 STACKS = {
     "attn": ["attn", "attn"],
     "swa": ["swa", "swa"],
@@ -129,16 +141,19 @@ def test_from_pretrained_errors(tmp_path):
         HybridLM.from_pretrained(tmp_path / "a")
 
 
-@pytest.mark.parametrize("field,value,msg", [
-    ("d_model", 0, "d_model=0"),
-    ("n_heads", 5, "n_heads=5"),
-    ("layers", "AXQ", "layers='AXQ'"),
-    ("layers", ["attn", "lstm"], "layers="),
-    ("channel_mixer", "moe", "channel_mixer='moe'"),
-    ("mem_depth", 3, "mem_depth=3"),
-    ("cms_periods", [0], "cms_periods"),
-    ("reset_policy", {"blocks.0": "sometimes"}, "reset_policy"),
-])
+@pytest.mark.parametrize(
+    "field,value,msg",
+    [
+        ("d_model", 0, "d_model=0"),
+        ("n_heads", 5, "n_heads=5"),
+        ("layers", "AXQ", "layers='AXQ'"),
+        ("layers", ["attn", "lstm"], "layers="),
+        ("channel_mixer", "moe", "channel_mixer='moe'"),
+        ("mem_depth", 3, "mem_depth=3"),
+        ("cms_periods", [0], "cms_periods"),
+        ("reset_policy", {"blocks.0": "sometimes"}, "reset_policy"),
+    ],
+)
 def test_bad_config_raises_one_line_error(field, value, msg):
     with pytest.raises(ValueError, match="HybridConfig") as e:
         HybridConfig(**{**SMALL, field: value})
@@ -176,7 +191,7 @@ def test_state_save_load_diff_and_config_check(tmp_path):
         after = model(x[:, 20:], loaded).state
     assert after.meta["parent"] == sid
     d = s.diff(after)
-    assert d["blocks.0.mixer.pos"] == pytest.approx(10 * 2 ** 0.5) and all(v >= 0 for v in d.values())
+    assert d["blocks.0.mixer.pos"] == pytest.approx(10 * 2**0.5) and all(v >= 0 for v in d.values())
     assert s.diff(loaded)["blocks.1.mixer.k"] == 0
     other = small_model(["swa", "swa"])
     with pytest.raises(ValueError, match="config"):

@@ -165,8 +165,9 @@ def test_transposed_view_inputs_match_reference(b):
     """Layers pass [b, l, d] activations seen as [b, d, l]; the op brings them to one layout first.
     Outputs, final state and gradients equal the reference's for such views."""
     inp = make(b, 6, 3, 41, seed=11)
-    views = {k: (v.transpose(1, 2).contiguous().transpose(1, 2) if k in ("u", "delta", "z") else v)
-             for k, v in inp.items()}
+    views = {
+        k: (v.transpose(1, 2).contiguous().transpose(1, 2) if k in ("u", "delta", "z") else v) for k, v in inp.items()
+    }
     assert views["u"].stride(1) == 1
     leaves = {k: v.detach().requires_grad_(True) for k, v in views.items()}
     y, s = call(selective_scan, leaves, True)

@@ -54,8 +54,9 @@ CASES = [
 
 @pytest.mark.parametrize("cpu_max_chunk", [ssd.CPU_MAX_CHUNK, 1024], ids=["cpu-tile", "caller-chunk"])
 @pytest.mark.parametrize("b,T,h,p,g,n,chunk,extras,s0,softplus,dpc", CASES)
-def test_outputs_states_grads_match_reference(b, T, h, p, g, n, chunk, extras, s0, softplus, dpc, cpu_max_chunk,
-                                              monkeypatch):
+def test_outputs_states_grads_match_reference(
+    b, T, h, p, g, n, chunk, extras, s0, softplus, dpc, cpu_max_chunk, monkeypatch
+):
     # caller-chunk: the chunks the CUDA PyTorch path uses (the CPU path caps them at CPU_MAX_CHUNK)
     monkeypatch.setattr(ssd, "CPU_MAX_CHUNK", cpu_max_chunk)
     inp = make(b, T, h, p, g, n, seed=T + h, extras=extras, s0=s0, d_per_channel=dpc)

@@ -35,13 +35,16 @@ def test_default_config_is_the_flagship_on_synthetic_trajectories(capsys):
     assert DEFAULT_CONFIG.is_file() and DEFAULT_CONFIG.is_relative_to(ROOT / "nestlm")
 
 
-@pytest.mark.parametrize("files", [
-    ["trainer/cpu.yaml", "data/synthetic.yaml"],
-    ["trainer/gpu.yaml", "data/shards.yaml"],
-    ["trainer/ddp.yaml", "cluster/slurm.yaml", "experiment/hope-hybrid-125m-shards.yaml"],
-    ["trainer/fsdp.yaml", "experiment/hope-hybrid-tiny-long.yaml"],
-    ["experiment/samba-tiny-synthetic.yaml"],
-])
+@pytest.mark.parametrize(
+    "files",
+    [
+        ["trainer/cpu.yaml", "data/synthetic.yaml"],
+        ["trainer/gpu.yaml", "data/shards.yaml"],
+        ["trainer/ddp.yaml", "cluster/slurm.yaml", "experiment/hope-hybrid-125m-shards.yaml"],
+        ["trainer/fsdp.yaml", "experiment/hope-hybrid-tiny-long.yaml"],
+        ["experiment/samba-tiny-synthetic.yaml"],
+    ],
+)
 def test_config_files_parse(capsys, files):
     argv = [a for f in files for a in ("--config", str(CONFIGS / f))]
     cfg = _print_config(capsys, *argv)
@@ -69,15 +72,21 @@ def test_export_of_an_fsdp_sharded_checkpoint_directory(tmp_path):
     """Lightning's FSDP sharded layout: DCP files of {"model": state_dict, ...} plus meta.pt."""
     import torch.distributed.checkpoint as dcp
 
-    module = NestLM(preset="transformer", overrides={"vocab_size": 61, "d_model": 32, "n_heads": 2,
-                                                     "layers": ["attn", "swa"], "window": 4})
+    module = NestLM(
+        preset="transformer",
+        overrides={"vocab_size": 61, "d_model": 32, "n_heads": 2, "layers": ["attn", "swa"], "window": 4},
+    )
     ckpt_dir = tmp_path / "step=10.ckpt"
     # FSDP-wrapped names as they can appear in a sharded state dict
-    sd = {k.replace("model.blocks.0.", "model.blocks.0._fsdp_wrapped_module."): v.clone()
-          for k, v in module.state_dict().items()}
+    sd = {
+        k.replace("model.blocks.0.", "model.blocks.0._fsdp_wrapped_module."): v.clone()
+        for k, v in module.state_dict().items()
+    }
     dcp.save({"model": sd}, checkpoint_id=str(ckpt_dir))
-    torch.save({"nestlm_config": module.cfg.to_dict(), "global_step": 10,
-                "hyper_parameters": dict(module.hparams)}, ckpt_dir / "meta.pt")
+    torch.save(
+        {"nestlm_config": module.cfg.to_dict(), "global_step": 10, "hyper_parameters": dict(module.hparams)},
+        ckpt_dir / "meta.pt",
+    )
     out = export(ckpt_dir, tmp_path / "export")
     loaded = HybridLM.from_pretrained(out)
     ids = torch.randint(0, 61, (2, 9))
@@ -92,8 +101,10 @@ def test_synthetic_trajectories_are_seeded_episodes():
     from nestlm.train.data import IGNORE, SyntheticTrajectories
 
     dm = SyntheticTrajectories(batch_size=3, seq_len=64, min_steps=20, max_steps=40, seed=3)
-    a, b = dm.window_batch(4, 0), SyntheticTrajectories(batch_size=3, seq_len=64, min_steps=20, max_steps=40,
-                                                         seed=3).window_batch(4, 0)
+    a, b = (
+        dm.window_batch(4, 0),
+        SyntheticTrajectories(batch_size=3, seq_len=64, min_steps=20, max_steps=40, seed=3).window_batch(4, 0),
+    )
     assert torch.equal(a["input_ids"], b["input_ids"])
     assert not torch.equal(a["input_ids"], dm.window_batch(4, 1)["input_ids"])
     assert int(a["input_ids"].max()) < dm.vocab_size <= 512
@@ -104,7 +115,7 @@ def test_synthetic_trajectories_are_seeded_episodes():
         tokens = envs.generate_episode(spec[0], n_steps=spec[1], seed=spec[2], split="train").tokens
         n = min(len(tokens), 65)
         assert x[: n - 1].tolist() == tokens[: n - 1] and y[: n - 1].tolist() == tokens[1:n]
-        assert (y[n - 1:] == IGNORE).all()
+        assert (y[n - 1 :] == IGNORE).all()
     kinds = {env for k in range(8) for env, _, _ in dm.episode_specs(batch_rng(3, k, 0))}
     assert kinds == set(envs.ENVS)
     val = dm.val_batches()

@@ -64,7 +64,7 @@ def test_samples_start_at_documents_and_never_train_across_them(shards):
     for k in range(6):
         batch = dm.window_batch(k, 0)
         for x, y in zip(batch["input_ids"].numpy(), batch["labels"].numpy()):
-            hits = [s for s in range(len(flat) - 32) if np.array_equal(flat[s: s + 32], x)]
+            hits = [s for s in range(len(flat) - 32) if np.array_equal(flat[s : s + 32], x)]
             assert hits, "a sample is not a window of the shard"
             s = hits[0]
             doc_start = max(st for st in starts if st <= s)
@@ -79,8 +79,11 @@ def test_segments_carry_state_and_equal_one_long_call(shards):
     torch.manual_seed(0)
     dm = _dm(shards, batch_size=2, seq_len=24, segment_len=8)
     full = dm.window_batch(0, 0)
-    module = NestLM(preset="swa-transformer", size="tiny",
-                    overrides={"vocab_size": 257, "d_model": 32, "n_heads": 2, "window": 5, "layers": ["swa", "attn"]})
+    module = NestLM(
+        preset="swa-transformer",
+        size="tiny",
+        overrides={"vocab_size": 257, "d_model": 32, "n_heads": 2, "window": 5, "layers": ["swa", "attn"]},
+    )
     module.double()
     segs = [dm.train_batch(k) for k in range(3)]
     assert [bool(s["reset"].all()) for s in segs] == [True, False, False]
@@ -93,8 +96,11 @@ def test_segments_carry_state_and_equal_one_long_call(shards):
     want = module(full["input_ids"]).logits
     torch.testing.assert_close(torch.cat(logits, 1), want, rtol=1e-9, atol=1e-12)
     # a reset row starts over: its output equals a fresh call on that segment alone (bounded-state layers)
-    swa_only = NestLM(preset="swa-transformer", size="tiny",
-                      overrides={"vocab_size": 257, "d_model": 32, "n_heads": 2, "window": 5, "layers": ["swa"]})
+    swa_only = NestLM(
+        preset="swa-transformer",
+        size="tiny",
+        overrides={"vocab_size": 257, "d_model": 32, "n_heads": 2, "window": 5, "layers": ["swa"]},
+    )
     swa_only.double()
     swa_only._carry = swa_only(segs[0]["input_ids"]).state
     s = dict(segs[1], reset=torch.tensor([True, False]))
@@ -137,8 +143,13 @@ def test_prepare_data_with_a_local_tokenizer_json(tmp_path):
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     tok.save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "a.txt").write_text("hello world\nworld hello hello\n")
-    meta = prepare([str(tmp_path / "a.txt")], str(tmp_path / "out"), tokenizer=str(tmp_path / "tokenizer.json"),
-                   split_docs="line", val_fraction=0.0)
+    meta = prepare(
+        [str(tmp_path / "a.txt")],
+        str(tmp_path / "out"),
+        tokenizer=str(tmp_path / "tokenizer.json"),
+        split_docs="line",
+        val_fraction=0.0,
+    )
     assert meta["eos_id"] == 1 and meta["vocab_size"] == 4
     assert np.fromfile(tmp_path / "out" / "train_000.bin", dtype=meta["dtype"]).tolist() == [2, 3, 1, 3, 2, 2, 1]
 

@@ -12,8 +12,23 @@ from nestlm.train.checkpoint import model_state_dict, read_checkpoint
 def test_ddp_cpu_two_processes_then_single_process_resume(tmp_path):
     data = make_shards(tmp_path)
     run = tmp_path / "runs" / "ddp"
-    run_cli(fit_argv(run, data, 4, "--trainer.strategy", "ddp", "--trainer.devices", "2",
-                     "--trainer.accelerator", "cpu", logger=False, ckpt_every=2), cwd=tmp_path, timeout=400)
+    run_cli(
+        fit_argv(
+            run,
+            data,
+            4,
+            "--trainer.strategy",
+            "ddp",
+            "--trainer.devices",
+            "2",
+            "--trainer.accelerator",
+            "cpu",
+            logger=False,
+            ckpt_every=2,
+        ),
+        cwd=tmp_path,
+        timeout=400,
+    )
     ckpt = read_checkpoint(run / "checkpoints" / "last.ckpt")
     assert ckpt["global_step"] == 4
     info = (run / "run_info.json").read_text()

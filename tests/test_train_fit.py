@@ -45,9 +45,19 @@ def test_fit_writes_checkpoints_and_reports(run):
 def test_offline_wandb_history_has_metrics(run):
     rows = wandb_history(run["run_dir"])
     keys = set().union(*rows)
-    for k in ("train/loss", "train/ppl", "train/grad_norm", "lr-AdamW/decay", "lr-AdamW/no_decay",
-              "train/tokens_per_sec", "train/device/flops_per_sec", "train/device/mfu", "sys/peak_mem_mb",
-              "sys/data_time_s", "val/loss"):
+    for k in (
+        "train/loss",
+        "train/ppl",
+        "train/grad_norm",
+        "lr-AdamW/decay",
+        "lr-AdamW/no_decay",
+        "train/tokens_per_sec",
+        "train/device/flops_per_sec",
+        "train/device/mfu",
+        "sys/peak_mem_mb",
+        "sys/data_time_s",
+        "val/loss",
+    ):
         assert k in keys, (k, sorted(keys))
     logged = [r["train/loss"] for r in rows if "train/loss" in r]
     assert len(logged) >= STEPS - 1 and all(math.isfinite(v) for v in logged)
@@ -70,14 +80,21 @@ def test_export_loads_in_fresh_process_with_same_logits(run, tmp_path):
     with torch.no_grad():
         want = module(ids).logits
     torch.save(ids, tmp_path / "ids.pt")
-    script = ("import sys, torch; from nestlm.models import HybridLM; "
-              "m = HybridLM.from_pretrained(sys.argv[1]).eval(); ids = torch.load(sys.argv[2]); "
-              "torch.save(m(ids).logits.detach(), sys.argv[3])")
+    script = (
+        "import sys, torch; from nestlm.models import HybridLM; "
+        "m = HybridLM.from_pretrained(sys.argv[1]).eval(); ids = torch.load(sys.argv[2]); "
+        "torch.save(m(ids).logits.detach(), sys.argv[3])"
+    )
     for export_dir in (run["run_dir"] / "export", tmp_path / "exp"):
         if export_dir != run["run_dir"] / "export":
             run_cli(["export", str(run["run_dir"] / "checkpoints" / "last.ckpt"), str(export_dir)], cwd=tmp_path)
-        subprocess.run([sys.executable, "-c", script, str(export_dir), str(tmp_path / "ids.pt"),
-                        str(tmp_path / "out.pt")], check=True, env=cli_env(), cwd=tmp_path, timeout=120)
+        subprocess.run(
+            [sys.executable, "-c", script, str(export_dir), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
+            check=True,
+            env=cli_env(),
+            cwd=tmp_path,
+            timeout=120,
+        )
         got = torch.load(tmp_path / "out.pt", weights_only=True)
         assert torch.equal(got, want)
     assert isinstance(HybridLM.from_pretrained(tmp_path / "exp"), HybridLM)
@@ -89,8 +106,11 @@ def test_export_refuses_bad_input_and_overwrite(run, tmp_path):
     trunc.write_bytes(last.read_bytes()[:5000])
     foreign = tmp_path / "foreign.ckpt"
     torch.save({"weights": torch.zeros(3)}, foreign)
-    for bad, needle in ((tmp_path / "missing.ckpt", "does not exist"), (trunc, "truncated"),
-                        (foreign, "not a Lightning checkpoint")):
+    for bad, needle in (
+        (tmp_path / "missing.ckpt", "does not exist"),
+        (trunc, "truncated"),
+        (foreign, "not a Lightning checkpoint"),
+    ):
         p = run_cli(["export", str(bad), str(tmp_path / "out")], cwd=tmp_path, check=False)
         assert p.returncode != 0
         err = p.stderr.strip().splitlines()
@@ -109,21 +129,20 @@ def test_fit_bad_ckpt_path_and_unknown_key(run, tmp_path):
     trunc.write_bytes((run["run_dir"] / "checkpoints" / "last.ckpt").read_bytes()[:5000])
     run_dir = tmp_path / "runs" / "bad"
     for bad, needle in ((tmp_path / "nope.ckpt", "does not exist"), (trunc, "truncated")):
-        p = run_cli(fit_argv(run_dir, run["data"], 2, "--ckpt_path", str(bad), logger=False), cwd=tmp_path,
-                    check=False)
+        p = run_cli(fit_argv(run_dir, run["data"], 2, "--ckpt_path", str(bad), logger=False), cwd=tmp_path, check=False)
         assert p.returncode != 0
         err = [ln for ln in p.stderr.splitlines() if ln.startswith("nestlm fit")]
         assert len(err) == 1 and str(bad) in err[0] and needle in err[0], p.stderr[-2000:]
         assert not (run_dir / "checkpoints").exists()
-    p = run_cli(fit_argv(run_dir, run["data"], 2, "--model.no_such_key", "1", logger=False), cwd=tmp_path,
-                check=False)
+    p = run_cli(fit_argv(run_dir, run["data"], 2, "--model.no_such_key", "1", logger=False), cwd=tmp_path, check=False)
     assert p.returncode == 2 and "no_such_key" in p.stderr
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(run, tmp_path):
     run_dir = tmp_path / "runs" / "nan"
-    p = run_cli(fit_argv(run_dir, run["data"], 10, logger=False, ckpt_every=2, poison_step=5), cwd=tmp_path,
-                check=False)
+    p = run_cli(
+        fit_argv(run_dir, run["data"], 10, logger=False, ckpt_every=2, poison_step=5), cwd=tmp_path, check=False
+    )
     assert p.returncode == 1, p.stderr[-2000:]
     msg = [ln for ln in p.stderr.splitlines() if ln.startswith("nestlm fit: stopped")]
     assert len(msg) == 1 and "at step 5" in msg[0] and "last.ckpt" in msg[0], p.stderr[-2000:]

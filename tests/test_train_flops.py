@@ -38,8 +38,9 @@ def test_dense_and_attention_terms_match_torch_flop_counter():
 
 
 def test_training_flops_and_scaling():
-    cfg = HybridConfig.preset("swa-transformer", "tiny", d_model=64, n_heads=2, window=16, vocab_size=101,
-                              layers=["swa", "attn"])
+    cfg = HybridConfig.preset(
+        "swa-transformer", "tiny", d_model=64, n_heads=2, window=16, vocab_size=101, layers=["swa", "attn"]
+    )
     model = HybridLM(cfg)
     short, long = flops_per_token(model, 16), flops_per_token(model, 1024)
     # sliding window: constant per token beyond the window; full attention: grows with the length

@@ -30,8 +30,20 @@ def test_gpu_fit_defaults_to_bf16_mixed(tmp_path):
 def test_fsdp_per_block_sharded_checkpoint_exports(tmp_path):
     data = make_shards(tmp_path)
     run = tmp_path / "runs" / "fsdp"
-    run_cli(fit_argv(run, data, 4, "--config", str(CONFIGS / "trainer" / "fsdp.yaml"), "--trainer.devices", "1",
-                     logger=False, ckpt_every=2), cwd=tmp_path)
+    run_cli(
+        fit_argv(
+            run,
+            data,
+            4,
+            "--config",
+            str(CONFIGS / "trainer" / "fsdp.yaml"),
+            "--trainer.devices",
+            "1",
+            logger=False,
+            ckpt_every=2,
+        ),
+        cwd=tmp_path,
+    )
     last = run / "checkpoints" / "last.ckpt"
     assert last.is_dir() and (last / "meta.pt").is_file()
     model = HybridLM.from_pretrained(run / "export")

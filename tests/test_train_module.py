@@ -30,8 +30,9 @@ def test_no_decay_on_norms_biases_1d_and_flagged_params():
 
 @pytest.mark.parametrize("warmup", [0, 5])
 def test_schedule_is_linear_warmup_then_cosine(warmup):
-    module = NestLM(preset="transformer", overrides=TINY, lr=1e-2, warmup_steps=warmup, decay_steps=25,
-                    min_lr_ratio=0.1)
+    module = NestLM(
+        preset="transformer", overrides=TINY, lr=1e-2, warmup_steps=warmup, decay_steps=25, min_lr_ratio=0.1
+    )
     conf = module.configure_optimizers()
     opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
     assert conf["lr_scheduler"]["interval"] == "step"
@@ -70,9 +71,20 @@ def test_bad_hyperparameters():
 def test_memory_update_norms_cover_memory_layers_only():
     from nestlm.train.callbacks import memory_update_norms
 
-    module = NestLM(preset="hope-hybrid", overrides={"vocab_size": 97, "d_model": 32, "n_heads": 2, "window": 8,
-                                                     "layers": ["swa", "hope"], "channel_mixers": ["mlp", "cms"],
-                                                     "mem_heads": 2, "mem_head_dim": 8, "cms_periods": [None, 4]})
+    module = NestLM(
+        preset="hope-hybrid",
+        overrides={
+            "vocab_size": 97,
+            "d_model": 32,
+            "n_heads": 2,
+            "window": 8,
+            "layers": ["swa", "hope"],
+            "channel_mixers": ["mlp", "cms"],
+            "mem_heads": 2,
+            "mem_head_dim": 8,
+            "cms_periods": [None, 4],
+        },
+    )
     ids = torch.randint(0, 97, (2, 13))
     norms = memory_update_norms(module.model, module(ids).state)
     assert norms and all(k.startswith(("memory/blocks.1.mixer.", "memory/blocks.1.channel.")) for k in norms)

@@ -30,8 +30,13 @@ def test_kill9_then_resume_gives_identical_losses(tmp_path):
     kill_at = random.Random().randint(EVERY + 1, STEPS - 3)
     print(f"killing at step {kill_at}")
     argv = fit_argv(run, data, STEPS, ckpt_every=EVERY)
-    proc = subprocess.Popen([sys.executable, "-m", "nestlm", *argv], cwd=tmp_path, env=cli_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nestlm", *argv],
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 240
     try:
         while time.time() < deadline and proc.poll() is None:

@@ -48,20 +48,57 @@ trainer:
 {extra}"""
 
 
-def fit_argv(run_dir: Path, data_dir: Path, steps: int, *extra: str, logger: bool = True, ckpt_every: int = 4,
-             poison_step: int | None = None) -> list[str]:
+def fit_argv(
+    run_dir: Path,
+    data_dir: Path,
+    steps: int,
+    *extra: str,
+    logger: bool = True,
+    ckpt_every: int = 4,
+    poison_step: int | None = None,
+) -> list[str]:
     """Arguments of a tiny `nestlm fit` on shards; checkpoints every `ckpt_every` steps (all kept)."""
-    more = "" if poison_step is None else (f"    - class_path: train_helpers.PoisonAt\n"
-                                           f"      init_args: {{step: {poison_step}}}\n")
+    more = (
+        ""
+        if poison_step is None
+        else (f"    - class_path: train_helpers.PoisonAt\n      init_args: {{step: {poison_step}}}\n")
+    )
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = run_dir.parent / f"{run_dir.name}.callbacks.yaml"
     cfg.write_text(CALLBACKS.format(every=ckpt_every, extra=more))
-    argv = ["fit", "--config", str(cfg), "--model.preset", "transformer", "--model.overrides", TINY_OVERRIDES,
-            "--model.warmup_steps", "3", "--data.class_path", "nestlm.train.data.TokenShards",
-            "--data.init_args.data_dir", str(data_dir), "--data.batch_size", "2", "--data.seq_len", "32",
-            "--data.val_batches_n", "2", "--trainer.max_steps", str(steps), "--trainer.val_check_interval", "4",
-            "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
-            "--trainer.enable_model_summary", "false", "--trainer.default_root_dir", str(run_dir)]
+    argv = [
+        "fit",
+        "--config",
+        str(cfg),
+        "--model.preset",
+        "transformer",
+        "--model.overrides",
+        TINY_OVERRIDES,
+        "--model.warmup_steps",
+        "3",
+        "--data.class_path",
+        "nestlm.train.data.TokenShards",
+        "--data.init_args.data_dir",
+        str(data_dir),
+        "--data.batch_size",
+        "2",
+        "--data.seq_len",
+        "32",
+        "--data.val_batches_n",
+        "2",
+        "--trainer.max_steps",
+        str(steps),
+        "--trainer.val_check_interval",
+        "4",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        "--trainer.default_root_dir",
+        str(run_dir),
+    ]
     if not logger:
         argv += ["--trainer.logger", "false"]
     return argv + list(extra)
@@ -76,11 +113,13 @@ def cli_env() -> dict[str, str]:
 
 
 def run_cli(argv: list[str], cwd: Path, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, "-m", "nestlm", *argv], cwd=cwd, env=cli_env(), capture_output=True,
-                       text=True, timeout=timeout)
+    p = subprocess.run(
+        [sys.executable, "-m", "nestlm", *argv], cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=timeout
+    )
     if check and p.returncode != 0:
-        raise AssertionError(f"nestlm {' '.join(argv[:1])} failed ({p.returncode}):\n{p.stdout[-3000:]}\n"
-                             f"{p.stderr[-3000:]}")
+        raise AssertionError(
+            f"nestlm {' '.join(argv[:1])} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+        )
     return p
 
 
@@ -107,8 +146,8 @@ def wandb_records(path: Path) -> list:
         if left < 7:  # block trailer padding
             pos += left
             continue
-        length, kind = struct.unpack("<HB", data[pos + 4: pos + 7])
-        chunk = data[pos + 7: pos + 7 + length]
+        length, kind = struct.unpack("<HB", data[pos + 4 : pos + 7])
+        chunk = data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind == 0 and length == 0:
             continue

@@ -23,8 +23,16 @@ from nestlm.eval.loading import DEFAULT_CONTEXT, attention_window, full_attentio
 from nestlm.eval.report import coherence_horizon, finite_or_none, horizon_summary, peak_rss_mb
 from nestlm.eval.scoring import closed_loop, score_episode
 
-REPORT_KEYS = ("nestlm_version", "checkpoint", "generator_version", "config_hash", "envs", "coherence_horizon",
-               "seconds", "peak_rss_mb")
+REPORT_KEYS = (
+    "nestlm_version",
+    "checkpoint",
+    "generator_version",
+    "config_hash",
+    "envs",
+    "coherence_horizon",
+    "seconds",
+    "peak_rss_mb",
+)
 
 
 def episode_seed(seed: int, index: int) -> int:
@@ -42,10 +50,21 @@ def window_for(model, n_tokens: int, attn_window: str | int | None, trained_cont
     return int(attn_window)
 
 
-def run_benchmark(model, envs: list[str], horizons: list[int], episodes: dict[int, int], seed: int = 0,
-                  split: str = "test", chunk_size: int = 2048, attn_window: str | int | None = "auto",
-                  trained_context: int | None = None, closed_loop_eval: bool = False, device="cpu",
-                  checkpoint: str | None = None, progress: bool = True) -> dict[str, Any]:
+def run_benchmark(
+    model,
+    envs: list[str],
+    horizons: list[int],
+    episodes: dict[int, int],
+    seed: int = 0,
+    split: str = "test",
+    chunk_size: int = 2048,
+    attn_window: str | int | None = "auto",
+    trained_context: int | None = None,
+    closed_loop_eval: bool = False,
+    device="cpu",
+    checkpoint: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     for e in envs:
         if e not in env_lib.ENVS:
             raise ValueError(f"--envs: {e!r} is not an environment; expected names from {list(env_lib.ENVS)}")
@@ -61,14 +80,25 @@ def run_benchmark(model, envs: list[str], horizons: list[int], episodes: dict[in
         bar = tqdm(total=total, unit="ep", desc="acb", dynamic_ncols=True)
     n_full = len(full_attention_layers(model))
     report: dict[str, Any] = {
-        "nestlm_version": nestlm.__version__, "checkpoint": checkpoint,
-        "generator_version": env_lib.GENERATOR_VERSION, "config_hash": env_lib.config_hash(envs), "envs": {},
-        "coherence_horizon": 0, "seconds": 0.0, "peak_rss_mb": 0.0,
-        "split": split, "seed": seed, "episodes": {str(h): episodes[h] for h in horizons},
+        "nestlm_version": nestlm.__version__,
+        "checkpoint": checkpoint,
+        "generator_version": env_lib.GENERATOR_VERSION,
+        "config_hash": env_lib.config_hash(envs),
+        "envs": {},
+        "coherence_horizon": 0,
+        "seconds": 0.0,
+        "peak_rss_mb": 0.0,
+        "split": split,
+        "seed": seed,
+        "episodes": {str(h): episodes[h] for h in horizons},
         "model_config_hash": getattr(getattr(model, "config", None), "config_hash", lambda: None)(),
-        "attention": {"full_attention_layers": n_full, "attn_window": attn_window,
-                      "trained_context": trained_context if trained_context else
-                      (f"unknown (assumed {DEFAULT_CONTEXT})" if n_full and attn_window == "auto" else None)},
+        "attention": {
+            "full_attention_layers": n_full,
+            "attn_window": attn_window,
+            "trained_context": trained_context
+            if trained_context
+            else (f"unknown (assumed {DEFAULT_CONTEXT})" if n_full and attn_window == "auto" else None),
+        },
         "threshold": 0.9,
     }
     for env in envs:
@@ -94,8 +124,11 @@ def run_benchmark(model, envs: list[str], horizons: list[int], episodes: dict[in
             summ["attention_window"] = sorted(w for w in windows if w is not None) or None
             env_out["horizons"][str(h)] = summ
         env_out["coherence_horizon"] = coherence_horizon(
-            {h: (env_out["horizons"][str(h)]["accuracy"], env_out["horizons"][str(h)]["chance"] or 0.0)
-             for h in horizons})
+            {
+                h: (env_out["horizons"][str(h)]["accuracy"], env_out["horizons"][str(h)]["chance"] or 0.0)
+                for h in horizons
+            }
+        )
         env_out["tokens_per_step"] = toks / max(1, steps)
         if closed_loop_eval:
             firsts = []
@@ -104,12 +137,14 @@ def run_benchmark(model, envs: list[str], horizons: list[int], episodes: dict[in
                     firsts.append(closed_loop(model, ep, device=device))
             survived = [f - 1 if f is not None else ep.n_steps for f, (ep, _) in zip(firsts, last_eps)]
             env_out["closed_loop"] = {
-                "horizon": max(horizons), "episodes": len(firsts),
+                "horizon": max(horizons),
+                "episodes": len(firsts),
                 "median_steps_to_first_error": statistics.median(survived) if survived else None,
                 "first_error_steps": firsts,
                 "episodes_error_free": sum(f is None for f in firsts) / max(1, len(firsts)),
                 "method": "greedy decoding; the model's own answers are fed back; counted until the first "
-                          "answer that differs from the environment's (censored at the horizon)"}
+                "answer that differs from the environment's (censored at the horizon)",
+            }
         report["envs"][env] = env_out
     if bar is not None:
         bar.close()

@@ -42,20 +42,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--horizons", default="20,200,2000,20000", help="comma-separated episode lengths in agent steps")
     p.add_argument("--episodes", default="8", help="episodes per horizon: N, or one count per horizon")
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out episodes")
-    p.add_argument("--split", default="test", choices=["test", "val", "train"],
-                   help="episode distribution (test: held-out names, templates, parameters)")
+    p.add_argument(
+        "--split",
+        default="test",
+        choices=["test", "val", "train"],
+        help="episode distribution (test: held-out names, templates, parameters)",
+    )
     p.add_argument("--out", required=True, help="report JSON path")
     p.add_argument("--plot", default=None, help="PNG of accuracy vs horizon per env")
-    p.add_argument("--closed-loop", action="store_true",
-                   help="also run the closed loop (own answers fed back) on the longest horizon's episodes")
-    p.add_argument("--attn-window", default="auto",
-                   help="sliding window for full-attention layers: auto (training context, only for episodes "
-                        "longer than it), none, or a number of tokens")
+    p.add_argument(
+        "--closed-loop",
+        action="store_true",
+        help="also run the closed loop (own answers fed back) on the longest horizon's episodes",
+    )
+    p.add_argument(
+        "--attn-window",
+        default="auto",
+        help="sliding window for full-attention layers: auto (training context, only for episodes "
+        "longer than it), none, or a number of tokens",
+    )
     p.add_argument("--chunk-size", type=int, default=2048, help="tokens per forward call while streaming")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--wandb", action="store_true",
-                   help="log the results as an eval run in the training run's W&B group (offline without credentials)")
+    p.add_argument(
+        "--wandb",
+        action="store_true",
+        help="log the results as an eval run in the training run's W&B group (offline without credentials)",
+    )
     p.add_argument("--wandb-project", default="nestlm")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out / --plot")
@@ -69,15 +82,30 @@ def log_wandb(report: dict, info: dict, args: argparse.Namespace) -> str:
     try:
         from nestlm.train.logger import has_wandb_credentials
     except ImportError:  # training extras absent: fall back to the environment variable
+
         def has_wandb_credentials() -> bool:
             return bool(os.environ.get("WANDB_API_KEY"))
+
     group = info.get("wandb_run_id") or Path(args.ckpt).resolve().parent.name
     mode = os.environ.get("WANDB_MODE") or ("online" if has_wandb_credentials() else "offline")
     out_dir = Path(args.out).resolve().parent
-    run = wandb.init(project=args.wandb_project, group=group, job_type="eval", mode=mode, dir=str(out_dir),
-                     name=f"acb-{Path(args.ckpt).name}", config={"ckpt": args.ckpt, "seed": args.seed,
-                     "horizons": args.horizons, "envs": args.envs, "split": args.split,
-                     "generator_version": report["generator_version"], "config_hash": report["config_hash"]})
+    run = wandb.init(
+        project=args.wandb_project,
+        group=group,
+        job_type="eval",
+        mode=mode,
+        dir=str(out_dir),
+        name=f"acb-{Path(args.ckpt).name}",
+        config={
+            "ckpt": args.ckpt,
+            "seed": args.seed,
+            "horizons": args.horizons,
+            "envs": args.envs,
+            "split": args.split,
+            "generator_version": report["generator_version"],
+            "config_hash": report["config_hash"],
+        },
+    )
     summary = {"acb/coherence_horizon": report["coherence_horizon"], "acb/seconds": report["seconds"]}
     table = wandb.Table(columns=["env", "H", "accuracy", "ci_lo", "ci_hi", "chance", "n_probes"])
     for env, r in report["envs"].items():
@@ -111,10 +139,21 @@ def main(argv: list[str] | None = None) -> None:
         from nestlm.eval.loading import load_model
 
         model, info = load_model(args.ckpt, args.device)
-        report = run_benchmark(model, envs, horizons, episodes, seed=args.seed, split=args.split,
-                               chunk_size=args.chunk_size, attn_window=args.attn_window,
-                               trained_context=info["trained_context"], closed_loop_eval=args.closed_loop,
-                               device=args.device, checkpoint=str(args.ckpt), progress=not args.no_progress)
+        report = run_benchmark(
+            model,
+            envs,
+            horizons,
+            episodes,
+            seed=args.seed,
+            split=args.split,
+            chunk_size=args.chunk_size,
+            attn_window=args.attn_window,
+            trained_context=info["trained_context"],
+            closed_loop_eval=args.closed_loop,
+            device=args.device,
+            checkpoint=str(args.ckpt),
+            progress=not args.no_progress,
+        )
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"nestlm eval: {e}") from None
     out = Path(args.out)
@@ -130,8 +169,12 @@ def main(argv: list[str] | None = None) -> None:
         report_dir = log_wandb(report, info, args)
         print(f"wandb: logged to {report_dir}", file=sys.stderr)
     for env, r in report["envs"].items():
-        accs = "  ".join(f"H={h}: {m['accuracy']:.3f}" if m["accuracy"] is not None else f"H={h}: -"
-                         for h, m in r["horizons"].items())
+        accs = "  ".join(
+            f"H={h}: {m['accuracy']:.3f}" if m["accuracy"] is not None else f"H={h}: -"
+            for h, m in r["horizons"].items()
+        )
         print(f"{env:8s} CH0.9={r['coherence_horizon']:<6d} {accs}")
-    print(f"overall CH0.9={report['coherence_horizon']}  seconds={report['seconds']:.1f}  "
-          f"peak_rss_mb={report['peak_rss_mb']:.0f}  -> {out}")
+    print(
+        f"overall CH0.9={report['coherence_horizon']}  seconds={report['seconds']:.1f}  "
+        f"peak_rss_mb={report['peak_rss_mb']:.0f}  -> {out}"
+    )

@@ -77,8 +77,17 @@ def make_tokenizer(name: str):
 class NestLMEval(TemplateLM):
     """TemplateLM over a HybridLM: loglikelihood, loglikelihood_rolling, generate_until (greedy)."""
 
-    def __init__(self, pretrained: str, tokenizer: str = "acb", device: str = "cpu", chunk_size: int = 2048,
-                 max_gen_toks: int = 64, attn_window: int | None = None, batch_size: int | str = 1, **kwargs):
+    def __init__(
+        self,
+        pretrained: str,
+        tokenizer: str = "acb",
+        device: str = "cpu",
+        chunk_size: int = 2048,
+        max_gen_toks: int = 64,
+        attn_window: int | None = None,
+        batch_size: int | str = 1,
+        **kwargs,
+    ):
         super().__init__()
         self.model, self.info = load_model(pretrained, device)
         self.tok = make_tokenizer(str(tokenizer))
@@ -119,13 +128,13 @@ class NestLMEval(TemplateLM):
         state, total, greedy = None, 0.0, True
         with attention_window(self.model, self.attn_window), torch.inference_mode():
             for s in range(0, len(x), self.chunk_size):
-                out = self.model(x[None, s:s + self.chunk_size], state=state)
+                out = self.model(x[None, s : s + self.chunk_size], state=state)
                 state = out.state
                 lo = max(first - s, 0)
                 if lo >= out.logits.shape[1]:
                     continue
                 logits = out.logits[0, lo:].float()
-                tgt = y[s + lo:s + out.logits.shape[1]]
+                tgt = y[s + lo : s + out.logits.shape[1]]
                 total += float(F.log_softmax(logits, -1).gather(-1, tgt[:, None]).sum())
                 greedy = greedy and bool((logits.argmax(-1) == tgt).all())
         return total, greedy
@@ -165,7 +174,7 @@ class NestLMEval(TemplateLM):
             state, new = None, []
             with attention_window(self.model, self.attn_window), torch.inference_mode():
                 for s in range(0, len(x), self.chunk_size):
-                    res = self.model(x[None, s:s + self.chunk_size], state=state)
+                    res = self.model(x[None, s : s + self.chunk_size], state=state)
                     state = res.state
                 nxt = int(res.logits[0, -1].argmax())
                 text = ""

@@ -88,12 +88,14 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
             for w in _WRAPPERS:
                 k = k.replace(w, "")
             if k.startswith("model."):
-                weights[k[len("model."):]] = v
+                weights[k[len("model.") :]] = v
         missing, unexpected = model.load_state_dict(weights, strict=False)
         missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
         if missing or unexpected:
-            raise ValueError(f"--ckpt {p} does not match its config: missing {sorted(missing)[:4]}, "
-                             f"unexpected {sorted(unexpected)[:4]}")
+            raise ValueError(
+                f"--ckpt {p} does not match its config: missing {sorted(missing)[:4]}, "
+                f"unexpected {sorted(unexpected)[:4]}"
+            )
         info["kind"] = "ckpt"
         info["trained_context"] = _trained_context(ckpt)
     elif p.is_dir():

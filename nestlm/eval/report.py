@@ -36,8 +36,9 @@ def coherence_horizon(horizons: dict[int, tuple[float | None, float]], threshold
     return ch
 
 
-def bootstrap_ci(correct: Sequence[int], totals: Sequence[int], n_boot: int = 1000, seed: int = 0,
-                 level: float = 0.95) -> tuple[float, float]:
+def bootstrap_ci(
+    correct: Sequence[int], totals: Sequence[int], n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
     """Episode-level percentile bootstrap of pooled accuracy sum(correct) / sum(totals).
 
     Probes of one episode are correlated, so whole episodes are resampled.
@@ -68,11 +69,18 @@ def horizon_summary(scores: list[EpisodeScore], seed: int = 0) -> dict:
     chance = [c for s in scores for c in s.chance]
     acc = sum(per_ep_c) / n if n else None
     ci = bootstrap_ci(per_ep_c, per_ep_n, seed=seed) if n else (None, None)
-    out = {"accuracy": acc, "ci95": list(ci), "n_probes": n,
-           "chance": float(np.mean(chance)) if chance else None, "n_episodes": len(scores)}
+    out = {
+        "accuracy": acc,
+        "ci95": list(ci),
+        "n_probes": n,
+        "chance": float(np.mean(chance)) if chance else None,
+        "n_episodes": len(scores),
+    }
     out["accuracy_adjusted"] = adjusted(acc, out["chance"]) if n else None
-    for key, labels in (("by_kind", [k for s in scores for k in s.kinds]),
-                        ("by_lag", [_bucket(g) for s in scores for g in s.lags])):
+    for key, labels in (
+        ("by_kind", [k for s in scores for k in s.kinds]),
+        ("by_lag", [_bucket(g) for s in scores for g in s.lags]),
+    ):
         flat = [c for s in scores for c in s.correct]
         groups: dict[str, list[bool]] = {}
         for lab, c in zip(labels, flat):

@@ -44,8 +44,7 @@ class EpisodeScore:
 
 
 @torch.no_grad()
-def stream_argmax(model, tokens: list[int] | np.ndarray, chunk_size: int = 2048, device=None,
-                  state=None) -> np.ndarray:
+def stream_argmax(model, tokens: list[int] | np.ndarray, chunk_size: int = 2048, device=None, state=None) -> np.ndarray:
     """Greedy prediction at every position of `tokens`, fed in chunks with the state carried.
 
     Returns preds [len(tokens)] (int32): preds[i] = argmax of the logits after tokens[: i + 1].
@@ -66,8 +65,11 @@ def score_predictions(ep: Episode, preds: np.ndarray) -> tuple[list[bool], int |
     """Per scored-window probe: every answer token predicted; and the first step answered wrongly."""
     tokens = np.asarray(ep.tokens)
     lo = ep.n_steps - final_window(ep.n_steps)
-    correct = [bool(np.all(preds[p.span[0] - 1 : p.span[1] - 1] == tokens[p.span[0] : p.span[1]]))
-               for p in ep.probes if p.step > lo]
+    correct = [
+        bool(np.all(preds[p.span[0] - 1 : p.span[1] - 1] == tokens[p.span[0] : p.span[1]]))
+        for p in ep.probes
+        if p.step > lo
+    ]
     first_error = None
     for step in range(1, ep.n_steps + 1):
         _, a, e = ep.step_spans[step]
@@ -83,10 +85,18 @@ def score_episode(model, ep: Episode, chunk_size: int = 2048, device=None) -> Ep
     correct, first_error = score_predictions(ep, preds)
     lo = ep.n_steps - final_window(ep.n_steps)
     window = [p for p in ep.probes if p.step > lo]
-    return EpisodeScore(env=ep.env, n_steps=ep.n_steps, seed=ep.seed, n_tokens=len(ep.tokens), correct=correct,
-                        kinds=[p.kind for p in window], lags=[p.lag for p in window],
-                        chance=[p.chance for p in window], first_error=first_error,
-                        seconds=time.perf_counter() - t0)
+    return EpisodeScore(
+        env=ep.env,
+        n_steps=ep.n_steps,
+        seed=ep.seed,
+        n_tokens=len(ep.tokens),
+        correct=correct,
+        kinds=[p.kind for p in window],
+        lags=[p.lag for p in window],
+        chance=[p.chance for p in window],
+        first_error=first_error,
+        seconds=time.perf_counter() - t0,
+    )
 
 
 @torch.no_grad()
@@ -108,7 +118,7 @@ def closed_loop(model, ep: Episode, max_answer_tokens: int = 12, device=None) ->
         state, nxt = out.state, int(out.logits[0, -1].argmax())
         produced = [nxt]
         while nxt != end_id and len(produced) < max_answer_tokens:
-            if produced != ep.tokens[a:a + len(produced)]:
+            if produced != ep.tokens[a : a + len(produced)]:
                 return step  # already wrong: no need to decode the rest of the answer
             out = model(ids.new_tensor([[nxt]]), state=state)
             state, nxt = out.state, int(out.logits[0, -1].argmax())

@@ -26,13 +26,44 @@ SPECIALS = (PAD, BOS, EOS, UNK)
 TAGS = ("[P]", "[/P]", "[O]", "[T]", "[A]", "[Q]", "[E]")
 KEYWORDS = (
     # shared
-    "ok", "no", "news", "idle", "where", "at", "of", "is", "?",
+    "ok",
+    "no",
+    "news",
+    "idle",
+    "where",
+    "at",
+    "of",
+    "is",
+    "?",
     # ledger
-    "ledger", "dep", "wd", "bal", "code", "set", "frozen", "acct",
+    "ledger",
+    "dep",
+    "wd",
+    "bal",
+    "code",
+    "set",
+    "frozen",
+    "acct",
     # shell
-    "shell", "swap", "cyc", "rot", "peek", "reveal", "cup",
+    "shell",
+    "swap",
+    "cyc",
+    "rot",
+    "peek",
+    "reveal",
+    "cup",
     # courier
-    "courier", "map", "item", "go", "take", "drop", "wait", "order", "to", "done", "moved",
+    "courier",
+    "map",
+    "item",
+    "go",
+    "take",
+    "drop",
+    "wait",
+    "order",
+    "to",
+    "done",
+    "moved",
 )
 CONSONANTS = "bdfgklmnprstvz"
 VOWELS = "aeiou"

@@ -43,8 +43,16 @@ class Attention(nn.Module):
     or P = window - 1 (sliding window; slots before the first token are masked out).
     """
 
-    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None, window: int | None = None,
-                 rope_theta: float = 10000.0, init_std: float = 0.02, out_std: float | None = None):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int | None = None,
+        window: int | None = None,
+        rope_theta: float = 10000.0,
+        init_std: float = 0.02,
+        out_std: float | None = None,
+    ):
         super().__init__()
         self.n_heads = n_heads
         self.n_kv_heads = n_kv_heads or n_heads
@@ -95,20 +103,29 @@ class Attention(nn.Module):
                 mask = mask & (rel < self.window)
             mask, causal = mask[:, None], False  # broadcast over heads
         scale = 1.0 / math.sqrt(self.head_dim)
-        if ((no_past or fresh) and x.dtype in (torch.float16, torch.bfloat16)
-                and backends.choose("flash_attn", x.device) == "vendor"):
+        if (
+            (no_past or fresh)
+            and x.dtype in (torch.float16, torch.bfloat16)
+            and backends.choose("flash_attn", x.device) == "vendor"
+        ):
             # keys (i - window, i] for query i: flash-attn's window_size counts keys to the left
             window = (-1, -1) if self.window is None else (self.window - 1, 0)
             y = backends.vendor_fn("flash_attn")(q, k, v, causal=True, window_size=window, softmax_scale=scale)
         else:
             y = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2), attn_mask=mask,
-                is_causal=causal, enable_gqa=self.n_kv_heads != self.n_heads, scale=scale).transpose(1, 2)
+                q.transpose(1, 2),
+                k_all.transpose(1, 2),
+                v_all.transpose(1, 2),
+                attn_mask=mask,
+                is_causal=causal,
+                enable_gqa=self.n_kv_heads != self.n_heads,
+                scale=scale,
+            ).transpose(1, 2)
         y = self.wo(y.reshape(b, t, self.n_heads * self.head_dim))
 
         if self.window is None:
             new_k, new_v = k_all, v_all
         else:
             keep = self.window - 1
-            new_k, new_v = k_all[:, k_all.shape[1] - keep:], v_all[:, v_all.shape[1] - keep:]
+            new_k, new_v = k_all[:, k_all.shape[1] - keep :], v_all[:, v_all.shape[1] - keep :]
         return y, {"k": new_k, "v": new_v, "pos": pos0 + t}

@@ -55,8 +55,18 @@ def state_dtype(dtype: torch.dtype | None) -> torch.dtype:
 class CMSLevel(nn.Module):
     """One level: x [b, t, d] -> MLP output [b, t, d]; fast down projection when `period` is set."""
 
-    def __init__(self, d_model: int, hidden: int, period: int | None, lr: float, norm: bool, norm_eps: float,
-                 init_std: float, out_std: float, eps: float = 1e-3):
+    def __init__(
+        self,
+        d_model: int,
+        hidden: int,
+        period: int | None,
+        lr: float,
+        norm: bool,
+        norm_eps: float,
+        init_std: float,
+        out_std: float,
+        eps: float = 1e-3,
+    ):
         super().__init__()
         self.period, self.lr, self.eps = period, lr, eps
         self.norm = RMSNorm(d_model, norm_eps) if norm else nn.Identity()
@@ -110,9 +120,18 @@ class CMS(nn.Module):
     outputs), so the surrounding block adds the residual exactly once.
     """
 
-    def __init__(self, d_model: int, periods=(None, 16, 64), hidden: int | None = None, lr: float = 0.01,
-                 ratio: float = 8 / 3, norm_eps: float = 1e-5, init_std: float = 0.02, out_std: float | None = None,
-                 impl: str = "chunked"):
+    def __init__(
+        self,
+        d_model: int,
+        periods=(None, 16, 64),
+        hidden: int | None = None,
+        lr: float = 0.01,
+        ratio: float = 8 / 3,
+        norm_eps: float = 1e-5,
+        init_std: float = 0.02,
+        out_std: float | None = None,
+        impl: str = "chunked",
+    ):
         super().__init__()
         periods = tuple(periods)
         if not periods:
@@ -127,8 +146,11 @@ class CMS(nn.Module):
         hidden = hidden or 64 * ((int(ratio * d_model) + 63) // 64)
         self.periods, self.impl = periods, impl
         self.levels = nn.ModuleList(
-            CMSLevel(d_model, hidden, p, lr, norm=i > 0, norm_eps=norm_eps, init_std=init_std,
-                     out_std=out_std or init_std) for i, p in enumerate(periods))
+            CMSLevel(
+                d_model, hidden, p, lr, norm=i > 0, norm_eps=norm_eps, init_std=init_std, out_std=out_std or init_std
+            )
+            for i, p in enumerate(periods)
+        )
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> dict:
         out = {}
@@ -143,8 +165,9 @@ class CMS(nn.Module):
             if state is not None and lvl.period is not None:
                 missing = [f"level{i}.{k}" for k in ("W", "G", "pos") if f"level{i}.{k}" not in state]
                 if missing:
-                    raise ValueError(f"CMS: state lacks {missing} (expected the state of a CMS with "
-                                     f"periods={self.periods})")
+                    raise ValueError(
+                        f"CMS: state lacks {missing} (expected the state of a CMS with periods={self.periods})"
+                    )
                 s = {k: state[f"level{i}.{k}"] for k in ("W", "G", "pos")}
             y, s = lvl(h, s, ref=self.impl == "ref")
             h, total = h + y, total + y

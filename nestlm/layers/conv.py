@@ -32,8 +32,9 @@ class ShortConv(nn.Module):
     forward(x [b, t, d], state=None) -> (y [b, t, d], {"conv": [b, d, w-1]})
     """
 
-    def __init__(self, d: int, kernel_size: int = 4, activation: str | None = "silu", bias: bool = True,
-                 device=None, dtype=None):
+    def __init__(
+        self, d: int, kernel_size: int = 4, activation: str | None = "silu", bias: bool = True, device=None, dtype=None
+    ):
         super().__init__()
         if d < 1:
             raise ValueError(f"ShortConv d={d!r} is invalid: expected a positive int")
@@ -65,9 +66,7 @@ class ShortConv(nn.Module):
     def forward(self, x: torch.Tensor, state: dict[str, torch.Tensor] | None = None):
         """x [b, t, d] -> (y [b, t, d], state)."""
         if x.dim() != 3 or x.shape[-1] != self.d:
-            raise ValueError(
-                f"ShortConv input x has shape {tuple(x.shape)}: expected [batch, time, {self.d}]"
-            )
+            raise ValueError(f"ShortConv input x has shape {tuple(x.shape)}: expected [batch, time, {self.d}]")
         conv_state = None if state is None else state["conv"]
         y, conv_state = self.conv_channels_first(x.transpose(1, 2), conv_state)
         return y.transpose(1, 2), {"conv": conv_state}
@@ -86,17 +85,18 @@ class ShortConv(nn.Module):
         if conv_state is None:
             conv_state = x.new_zeros(b, d, w - 1)
         elif conv_state.shape != (b, d, w - 1):
-            raise ValueError(
-                f"ShortConv state 'conv' has shape {tuple(conv_state.shape)}: expected {(b, d, w - 1)}"
-            )
+            raise ValueError(f"ShortConv state 'conv' has shape {tuple(conv_state.shape)}: expected {(b, d, w - 1)}")
         weight = self.weight[:, 0, :].to(x.dtype)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         y, new_state = ops.causal_conv1d(
-            x, weight, bias, initial_states=conv_state.to(x.dtype), return_final_states=True,
+            x,
+            weight,
+            bias,
+            initial_states=conv_state.to(x.dtype),
+            return_final_states=True,
             activation=self.activation,
         )
         return y, new_state.to(conv_state.dtype)
 
     def extra_repr(self) -> str:
-        return (f"d={self.d}, kernel_size={self.kernel_size}, activation={self.activation}, "
-                f"bias={self.bias is not None}")
+        return f"d={self.d}, kernel_size={self.kernel_size}, activation={self.activation}, bias={self.bias is not None}"

@@ -44,15 +44,16 @@ from nestlm.layers.cms import state_dtype
 from nestlm.ops.hope import l2norm, selfmod_scan, selfmod_scan_ref
 
 
-def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, prev: torch.Tensor
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
+def causal_depthwise_conv(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, prev: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """x: [b, t, C]; weight: [C, w]; prev: [b, w-1, C] earlier inputs. Returns (y [b, t, C], new prev)."""
     w = weight.shape[1]
     xp = torch.cat([prev.to(x.dtype), x], 1)
     t = x.shape[1]
     wt = weight.t().to(x.dtype).contiguous()  # rows contiguous: a strided weight column vectorises poorly
-    y = bias.to(x.dtype) + sum(xp[:, j:j + t] * wt[j] for j in range(w))
-    return y, xp[:, xp.shape[1] - (w - 1):]
+    y = bias.to(x.dtype) + sum(xp[:, j : j + t] * wt[j] for j in range(w))
+    return y, xp[:, xp.shape[1] - (w - 1) :]
 
 
 class HOPE(nn.Module):
@@ -71,12 +72,28 @@ class HOPE(nn.Module):
     `impl="ref"` runs the token-loop reference instead of the chunked path (tests).
     """
 
-    def __init__(self, d_model: int, n_heads: int, head_dim: int, chunk_size: int = 16, aux_chunk_size: int = 16,
-                 max_lr: float = 0.1, d_conv: int = 4, norm_eps: float = 1e-5, init_std: float = 0.02,
-                 out_std: float | None = None, impl: str = "chunked"):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        head_dim: int,
+        chunk_size: int = 16,
+        aux_chunk_size: int = 16,
+        max_lr: float = 0.1,
+        d_conv: int = 4,
+        norm_eps: float = 1e-5,
+        init_std: float = 0.02,
+        out_std: float | None = None,
+        impl: str = "chunked",
+    ):
         super().__init__()
-        for name, val in (("n_heads", n_heads), ("head_dim", head_dim), ("chunk_size", chunk_size),
-                          ("aux_chunk_size", aux_chunk_size), ("d_conv", d_conv)):
+        for name, val in (
+            ("n_heads", n_heads),
+            ("head_dim", head_dim),
+            ("chunk_size", chunk_size),
+            ("aux_chunk_size", aux_chunk_size),
+            ("d_conv", d_conv),
+        ):
             if not isinstance(val, int) or isinstance(val, bool) or val < 1:
                 raise ValueError(f"HOPE: {name}={val!r} must be a positive int")
         if not max_lr > 0:
@@ -86,13 +103,17 @@ class HOPE(nn.Module):
         h, c = n_heads, head_dim
         self.n_heads, self.head_dim, self.d_conv = h, c, d_conv
         self.chunk_size, self.aux_chunk_size, self.max_lr, self.norm_eps, self.impl = (
-            chunk_size, aux_chunk_size, max_lr, norm_eps, impl)
+            chunk_size,
+            aux_chunk_size,
+            max_lr,
+            norm_eps,
+            impl,
+        )
         self.w_in = nn.Linear(d_model, 2 * h * c + h, bias=False)  # memory input, query, momentum gate
-        self.conv_weight = nn.Parameter(torch.randn(2 * h * c, d_conv) / d_conv ** 0.5)
+        self.conv_weight = nn.Parameter(torch.randn(2 * h * c, d_conv) / d_conv**0.5)
         self.conv_bias = nn.Parameter(torch.zeros(2 * h * c))
         # rows: M_k (c), M_v (c), M_eta (1), M_alpha (1); input: the head's memory input
-        self.aux_init = nn.Parameter(torch.cat([torch.randn(h, 2 * c, c) / c ** 0.5,
-                                                torch.randn(h, 2, c) * init_std], 1))
+        self.aux_init = nn.Parameter(torch.cat([torch.randn(h, 2 * c, c) / c**0.5, torch.randn(h, 2, c) * init_std], 1))
         self.mem_init = nn.Parameter(torch.randn(h, c, c) * init_std)
         self.b_eta = nn.Parameter(torch.zeros(h))  # eta starts at max_lr / 2
         self.b_alpha = nn.Parameter(torch.full((h,), -4.0))  # forget ~2% per token at the start
@@ -106,10 +127,16 @@ class HOPE(nn.Module):
         h, c = self.n_heads, self.head_dim
         aux = self.aux_init.to(device=device, dtype=dt).expand(batch_size, -1, -1, -1)
         mem = self.mem_init.to(device=device, dtype=dt).expand(batch_size, -1, -1, -1)
-        return {"conv": torch.zeros(batch_size, self.d_conv - 1, 2 * h * c, device=device, dtype=dt),
-                "aux_W": aux, "aux_A": aux, "aux_S": torch.zeros_like(aux),
-                "mem_W": mem, "mem_A": mem, "mem_S": torch.zeros_like(mem),
-                "pos": torch.zeros(batch_size, dtype=torch.long, device=device)}
+        return {
+            "conv": torch.zeros(batch_size, self.d_conv - 1, 2 * h * c, device=device, dtype=dt),
+            "aux_W": aux,
+            "aux_A": aux,
+            "aux_S": torch.zeros_like(aux),
+            "mem_W": mem,
+            "mem_A": mem,
+            "mem_S": torch.zeros_like(mem),
+            "pos": torch.zeros(batch_size, dtype=torch.long, device=device),
+        }
 
     def forward(self, x: torch.Tensor, state: dict | None = None) -> tuple[torch.Tensor, dict]:
         b, t, _ = x.shape
@@ -119,17 +146,27 @@ class HOPE(nn.Module):
         if "conv" not in state:
             raise ValueError("HOPE: state lacks 'conv' (expected a state made by HOPE.init_state)")
         proj = self.w_in(x)
-        u, conv = causal_depthwise_conv(proj[..., :2 * h * c], self.conv_weight, self.conv_bias, state["conv"])
+        u, conv = causal_depthwise_conv(proj[..., : 2 * h * c], self.conv_weight, self.conv_bias, state["conv"])
         u = F.silu(u)
-        xh = u[..., :h * c].reshape(b, t, h, c)
-        q = l2norm(u[..., h * c:].reshape(b, t, h, c))
+        xh = u[..., : h * c].reshape(b, t, h, c)
+        q = l2norm(u[..., h * c :].reshape(b, t, h, c))
         scan = selfmod_scan_ref if self.impl == "ref" else selfmod_scan
         with torch.autocast(x.device.type, enabled=False):
-            log_mu = F.logsigmoid(proj[..., 2 * h * c:].to(state["mem_W"].dtype))
-            o, new = scan(xh, q, log_mu, self.b_eta, self.b_alpha, self.aux_init, self.mem_init, self.max_lr, state,
-                          self.chunk_size, self.aux_chunk_size)
+            log_mu = F.logsigmoid(proj[..., 2 * h * c :].to(state["mem_W"].dtype))
+            o, new = scan(
+                xh,
+                q,
+                log_mu,
+                self.b_eta,
+                self.b_alpha,
+                self.aux_init,
+                self.mem_init,
+                self.max_lr,
+                state,
+                self.chunk_size,
+                self.aux_chunk_size,
+            )
             o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.norm_eps)
         o = o.reshape(b, t, h * c).to(x.dtype) * self.out_norm.to(x.dtype)
         new["conv"] = conv.to(state["conv"].dtype)
-        return self.w_out(o), {k: new[k] for k in ("conv", "aux_W", "aux_A", "aux_S", "mem_W", "mem_A", "mem_S",
-                                                   "pos")}
+        return self.w_out(o), {k: new[k] for k in ("conv", "aux_W", "aux_A", "aux_S", "mem_W", "mem_A", "mem_S", "pos")}

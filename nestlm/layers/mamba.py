@@ -49,10 +49,23 @@ class Mamba(nn.Module):
     state: {"conv": [b, d_inner, d_conv-1], "ssm": [b, d_inner, d_state] (fp32)}
     """
 
-    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
-                 dt_rank: int | str = "auto", dt_min: float = 0.001, dt_max: float = 0.1,
-                 dt_init: str = "random", dt_scale: float = 1.0, dt_init_floor: float = 1e-4,
-                 conv_bias: bool = True, bias: bool = False, device=None, dtype=None):
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: int | str = "auto",
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init: str = "random",
+        dt_scale: float = 1.0,
+        dt_init_floor: float = 1e-4,
+        conv_bias: bool = True,
+        bias: bool = False,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         sizes = {"d_model": d_model, "d_state": d_state, "d_conv": d_conv, "expand": expand}
         for name, value in sizes.items():
@@ -61,9 +74,7 @@ class Mamba(nn.Module):
         if dt_rank != "auto" and (not isinstance(dt_rank, int) or dt_rank < 1):
             raise ValueError(f"Mamba dt_rank={dt_rank!r} is invalid: expected 'auto' or a positive int")
         if not 0 < dt_min <= dt_max:
-            raise ValueError(
-                f"Mamba dt_min={dt_min!r}, dt_max={dt_max!r} are invalid: expected 0 < dt_min <= dt_max"
-            )
+            raise ValueError(f"Mamba dt_min={dt_min!r}, dt_max={dt_max!r} are invalid: expected 0 < dt_min <= dt_max")
         if dt_init not in ("random", "constant"):
             raise ValueError(f"Mamba dt_init={dt_init!r} is invalid: expected 'random' or 'constant'")
         factory = {"device": device, "dtype": dtype}
@@ -92,7 +103,7 @@ class Mamba(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         dt_init, dt_scale, dt_min, dt_max, dt_init_floor = self._dt_init
-        std = self.dt_rank ** -0.5 * dt_scale
+        std = self.dt_rank**-0.5 * dt_scale
         if dt_init == "constant":
             nn.init.constant_(self.dt_proj.weight, std)
         else:
@@ -109,16 +120,13 @@ class Mamba(nn.Module):
         device = device if device is not None else self.in_proj.weight.device
         return {
             "conv": torch.zeros(batch_size, self.d_inner, self.d_conv - 1, device=device, dtype=dtype),
-            "ssm": torch.zeros(batch_size, self.d_inner, self.d_state, device=device,
-                               dtype=state_dtype(dtype)),
+            "ssm": torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=state_dtype(dtype)),
         }
 
     def forward(self, x: torch.Tensor, state: dict[str, torch.Tensor] | None = None):
         """x [b, t, d_model] -> (y [b, t, d_model], state)."""
         if x.dim() != 3 or x.shape[-1] != self.d_model:
-            raise ValueError(
-                f"Mamba input x has shape {tuple(x.shape)}: expected [batch, time, {self.d_model}]"
-            )
+            raise ValueError(f"Mamba input x has shape {tuple(x.shape)}: expected [batch, time, {self.d_model}]")
         b = x.shape[0]
         # A fresh state goes to the scan as None: the CUDA kernels take that fast path.
         fresh = state is None
@@ -137,13 +145,23 @@ class Mamba(nn.Module):
         sd = state_dtype(self.A_log.dtype)
         A = -torch.exp(self.A_log.to(sd))
         y, last_ssm = ops.selective_scan(
-            xs, dt, A, B.transpose(1, 2), C.transpose(1, 2), D=self.D.to(sd), z=z,
-            delta_bias=self.dt_proj.bias.to(sd), delta_softplus=True, return_last_state=True,
+            xs,
+            dt,
+            A,
+            B.transpose(1, 2),
+            C.transpose(1, 2),
+            D=self.D.to(sd),
+            z=z,
+            delta_bias=self.dt_proj.bias.to(sd),
+            delta_softplus=True,
+            return_last_state=True,
             initial_state=None if fresh else ssm_state,
         )
         y = self.out_proj(y.transpose(1, 2).to(x.dtype))
         return y, {"conv": conv_state, "ssm": last_ssm.to(ssm_state.dtype)}
 
     def extra_repr(self) -> str:
-        return (f"d_model={self.d_model}, d_inner={self.d_inner}, d_state={self.d_state}, "
-                f"d_conv={self.d_conv}, dt_rank={self.dt_rank}")
+        return (
+            f"d_model={self.d_model}, d_inner={self.d_inner}, d_state={self.d_state}, "
+            f"d_conv={self.d_conv}, dt_rank={self.dt_rank}"
+        )

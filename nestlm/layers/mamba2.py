@@ -32,9 +32,7 @@ class GatedRMSNorm(nn.Module):
         super().__init__()
         group_size = d if group_size is None else group_size
         if group_size < 1 or d % group_size:
-            raise ValueError(
-                f"GatedRMSNorm group_size={group_size!r} is invalid: expected a divisor of d={d}"
-            )
+            raise ValueError(f"GatedRMSNorm group_size={group_size!r} is invalid: expected a divisor of d={d}")
         self.d = d
         self.group_size = group_size
         self.eps = eps
@@ -65,30 +63,48 @@ class Mamba2(nn.Module):
     state: {"conv": [b, d_inner + 2 g n, d_conv-1], "ssm": [b, h, p, n] (fp32)}
     """
 
-    def __init__(self, d_model: int, d_state: int = 64, d_conv: int = 4, expand: int = 2, headdim: int = 64,
-                 ngroups: int = 1, chunk_size: int = 64, A_init_range: tuple[float, float] = (1.0, 16.0),
-                 dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4,
-                 norm_eps: float = 1e-5, conv_bias: bool = True, bias: bool = False, device=None, dtype=None):
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 64,
+        d_conv: int = 4,
+        expand: int = 2,
+        headdim: int = 64,
+        ngroups: int = 1,
+        chunk_size: int = 64,
+        A_init_range: tuple[float, float] = (1.0, 16.0),
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        norm_eps: float = 1e-5,
+        conv_bias: bool = True,
+        bias: bool = False,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
-        sizes = {"d_model": d_model, "d_state": d_state, "d_conv": d_conv, "expand": expand,
-                 "headdim": headdim, "ngroups": ngroups, "chunk_size": chunk_size}
+        sizes = {
+            "d_model": d_model,
+            "d_state": d_state,
+            "d_conv": d_conv,
+            "expand": expand,
+            "headdim": headdim,
+            "ngroups": ngroups,
+            "chunk_size": chunk_size,
+        }
         for name, value in sizes.items():
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"Mamba2 {name}={value!r} is invalid: expected a positive int")
         d_inner = expand * d_model
         if d_inner % headdim:
-            raise ValueError(
-                f"Mamba2 headdim={headdim!r} is invalid: expected a divisor of expand*d_model={d_inner}"
-            )
+            raise ValueError(f"Mamba2 headdim={headdim!r} is invalid: expected a divisor of expand*d_model={d_inner}")
         nheads = d_inner // headdim
         if nheads % ngroups:
             raise ValueError(f"Mamba2 ngroups={ngroups!r} is invalid: expected a divisor of nheads={nheads}")
         if not 0 < A_init_range[0] <= A_init_range[1]:
             raise ValueError(f"Mamba2 A_init_range={A_init_range!r} is invalid: expected 0 < lo <= hi")
         if not 0 < dt_min <= dt_max:
-            raise ValueError(
-                f"Mamba2 dt_min={dt_min!r}, dt_max={dt_max!r} are invalid: expected 0 < dt_min <= dt_max"
-            )
+            raise ValueError(f"Mamba2 dt_min={dt_min!r}, dt_max={dt_max!r} are invalid: expected 0 < dt_min <= dt_max")
         factory = {"device": device, "dtype": dtype}
         self.d_model = d_model
         self.d_state = d_state
@@ -128,16 +144,15 @@ class Mamba2(nn.Module):
         device = device if device is not None else self.in_proj.weight.device
         return {
             "conv": torch.zeros(batch_size, self.conv_dim, self.d_conv - 1, device=device, dtype=dtype),
-            "ssm": torch.zeros(batch_size, self.nheads, self.headdim, self.d_state, device=device,
-                               dtype=state_dtype(dtype)),
+            "ssm": torch.zeros(
+                batch_size, self.nheads, self.headdim, self.d_state, device=device, dtype=state_dtype(dtype)
+            ),
         }
 
     def forward(self, x: torch.Tensor, state: dict[str, torch.Tensor] | None = None):
         """x [b, t, d_model] -> (y [b, t, d_model], state)."""
         if x.dim() != 3 or x.shape[-1] != self.d_model:
-            raise ValueError(
-                f"Mamba2 input x has shape {tuple(x.shape)}: expected [batch, time, {self.d_model}]"
-            )
+            raise ValueError(f"Mamba2 input x has shape {tuple(x.shape)}: expected [batch, time, {self.d_model}]")
         b, t, _ = x.shape
         # A fresh state goes to the scan as None: the CUDA kernels take that fast path.
         fresh = state is None
@@ -150,20 +165,30 @@ class Mamba2(nn.Module):
 
         z, xbc, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
         xbc, conv_state = self.conv1d.conv_channels_first(xbc.transpose(1, 2), state["conv"])
-        xs, B, C = xbc.transpose(1, 2).split([self.d_inner, self.ngroups * self.d_state,
-                                              self.ngroups * self.d_state], dim=-1)
+        xs, B, C = xbc.transpose(1, 2).split(
+            [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1
+        )
         sd = state_dtype(self.A_log.dtype)
         A = -torch.exp(self.A_log.to(sd))
         y, last_ssm = ops.ssd_scan(
-            xs.unflatten(-1, (self.nheads, self.headdim)), dt, A,
-            B.unflatten(-1, (self.ngroups, self.d_state)), C.unflatten(-1, (self.ngroups, self.d_state)),
-            self.chunk_size, D=self.D.to(sd), dt_bias=self.dt_bias.to(sd), initial_states=None if fresh else ssm_state,
-            dt_softplus=True, return_final_states=True,
+            xs.unflatten(-1, (self.nheads, self.headdim)),
+            dt,
+            A,
+            B.unflatten(-1, (self.ngroups, self.d_state)),
+            C.unflatten(-1, (self.ngroups, self.d_state)),
+            self.chunk_size,
+            D=self.D.to(sd),
+            dt_bias=self.dt_bias.to(sd),
+            initial_states=None if fresh else ssm_state,
+            dt_softplus=True,
+            return_final_states=True,
         )
         y = self.norm(y.flatten(-2).to(x.dtype), z)
         return self.out_proj(y), {"conv": conv_state, "ssm": last_ssm.to(ssm_state.dtype)}
 
     def extra_repr(self) -> str:
-        return (f"d_model={self.d_model}, d_inner={self.d_inner}, nheads={self.nheads}, "
-                f"headdim={self.headdim}, d_state={self.d_state}, ngroups={self.ngroups}, "
-                f"chunk_size={self.chunk_size}")
+        return (
+            f"d_model={self.d_model}, d_inner={self.d_inner}, nheads={self.nheads}, "
+            f"headdim={self.headdim}, d_state={self.d_state}, ngroups={self.ngroups}, "
+            f"chunk_size={self.chunk_size}"
+        )

@@ -19,8 +19,14 @@ class MLP(nn.Module):
     x: [b, t, d] -> y: [b, t, d]
     """
 
-    def __init__(self, d_model: int, hidden: int | None = None, ratio: float = 8 / 3, init_std: float = 0.02,
-                 out_std: float | None = None):
+    def __init__(
+        self,
+        d_model: int,
+        hidden: int | None = None,
+        ratio: float = 8 / 3,
+        init_std: float = 0.02,
+        out_std: float | None = None,
+    ):
         super().__init__()
         hidden = hidden or swiglu_hidden(d_model, ratio)
         self.w_gate_up = nn.Linear(d_model, 2 * hidden, bias=False)

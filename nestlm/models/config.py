@@ -121,8 +121,20 @@ class HybridConfig:
             raise _err("n_heads", self.n_heads, f"a divisor of d_model={self.d_model}")
         if (self.d_model // self.n_heads) % 2:
             raise _err("n_heads", self.n_heads, "a head dim d_model/n_heads that is even (RoPE)")
-        for name in ("window", "d_state", "d_conv", "expand", "ssm_d_state", "ssm_headdim", "ssm_ngroups",
-                     "ssm_chunk_size", "mem_heads", "mem_head_dim", "mem_chunk_size", "hope_chunk_size"):
+        for name in (
+            "window",
+            "d_state",
+            "d_conv",
+            "expand",
+            "ssm_d_state",
+            "ssm_headdim",
+            "ssm_ngroups",
+            "ssm_chunk_size",
+            "mem_heads",
+            "mem_head_dim",
+            "mem_chunk_size",
+            "hope_chunk_size",
+        ):
             self._check_int(name, 1)
         if self.mem_depth not in (1, 2):
             raise _err("mem_depth", self.mem_depth, "1 (linear memory) or 2 (2-layer MLP memory)")
@@ -156,7 +168,8 @@ class HybridConfig:
         if not (isinstance(self.cms_lr, (int, float)) and 0 < self.cms_lr <= 1):
             raise _err("cms_lr", self.cms_lr, "a number in (0, 1] (normalised inner step of the CMS levels)")
         if self.cms_hidden_ratio is not None and not (
-                isinstance(self.cms_hidden_ratio, (int, float)) and self.cms_hidden_ratio > 0):
+            isinstance(self.cms_hidden_ratio, (int, float)) and self.cms_hidden_ratio > 0
+        ):
             raise _err("cms_hidden_ratio", self.cms_hidden_ratio, "a positive number or None")
         if not isinstance(self.reset_policy, dict):
             raise _err("reset_policy", self.reset_policy, "a dict {name pattern: 'episode' | 'persistent'}")

@@ -33,8 +33,15 @@ def build_mixer(cfg: HybridConfig, name: str, out_std: float) -> nn.Module:
     """The sequence mixer called `name` with the sizes of `cfg`."""
     d = cfg.d_model
     if name in ("attn", "swa"):
-        return Attention(d, cfg.n_heads, cfg.n_kv_heads, window=cfg.window if name == "swa" else None,
-                         rope_theta=cfg.rope_theta, init_std=cfg.init_std, out_std=out_std)
+        return Attention(
+            d,
+            cfg.n_heads,
+            cfg.n_kv_heads,
+            window=cfg.window if name == "swa" else None,
+            rope_theta=cfg.rope_theta,
+            init_std=cfg.init_std,
+            out_std=out_std,
+        )
     if name == "mamba":
         from nestlm.layers.mamba import Mamba
 
@@ -42,19 +49,42 @@ def build_mixer(cfg: HybridConfig, name: str, out_std: float) -> nn.Module:
     if name == "mamba2":
         from nestlm.layers.mamba2 import Mamba2
 
-        return Mamba2(d, d_state=cfg.ssm_d_state, d_conv=cfg.d_conv, expand=cfg.expand, headdim=cfg.ssm_headdim,
-                      ngroups=cfg.ssm_ngroups, chunk_size=cfg.ssm_chunk_size)
+        return Mamba2(
+            d,
+            d_state=cfg.ssm_d_state,
+            d_conv=cfg.d_conv,
+            expand=cfg.expand,
+            headdim=cfg.ssm_headdim,
+            ngroups=cfg.ssm_ngroups,
+            chunk_size=cfg.ssm_chunk_size,
+        )
     if name == "memory":
         from nestlm.layers.memory import NeuralMemory
 
-        return NeuralMemory(d, cfg.mem_heads, cfg.mem_head_dim, depth=cfg.mem_depth, chunk_size=cfg.mem_chunk_size,
-                            max_lr=cfg.mem_max_lr, first_order=cfg.mem_first_order)
+        return NeuralMemory(
+            d,
+            cfg.mem_heads,
+            cfg.mem_head_dim,
+            depth=cfg.mem_depth,
+            chunk_size=cfg.mem_chunk_size,
+            max_lr=cfg.mem_max_lr,
+            first_order=cfg.mem_first_order,
+        )
     if name == "hope":
         from nestlm.layers.hope import HOPE
 
-        return HOPE(d, cfg.mem_heads, cfg.mem_head_dim, chunk_size=cfg.mem_chunk_size,
-                    aux_chunk_size=cfg.hope_chunk_size, max_lr=cfg.mem_max_lr, d_conv=cfg.d_conv,
-                    norm_eps=cfg.norm_eps, init_std=cfg.init_std, out_std=out_std)
+        return HOPE(
+            d,
+            cfg.mem_heads,
+            cfg.mem_head_dim,
+            chunk_size=cfg.mem_chunk_size,
+            aux_chunk_size=cfg.hope_chunk_size,
+            max_lr=cfg.mem_max_lr,
+            d_conv=cfg.d_conv,
+            norm_eps=cfg.norm_eps,
+            init_std=cfg.init_std,
+            out_std=out_std,
+        )
     raise ValueError(f"unknown mixer {name!r}")
 
 
@@ -66,8 +96,15 @@ def build_channel_mixer(cfg: HybridConfig, name: str, out_std: float) -> nn.Modu
         from nestlm.layers.cms import CMS
 
         ratio = cfg.cms_hidden_ratio or cfg.mlp_ratio / len(cfg.cms_periods)
-        return CMS(cfg.d_model, periods=tuple(cfg.cms_periods), hidden=swiglu_hidden(cfg.d_model, ratio),
-                   lr=cfg.cms_lr, norm_eps=cfg.norm_eps, init_std=cfg.init_std, out_std=out_std)
+        return CMS(
+            cfg.d_model,
+            periods=tuple(cfg.cms_periods),
+            hidden=swiglu_hidden(cfg.d_model, ratio),
+            lr=cfg.cms_lr,
+            norm_eps=cfg.norm_eps,
+            init_std=cfg.init_std,
+            out_std=out_std,
+        )
     raise ValueError(f"unknown channel mixer {name!r}")
 
 
@@ -90,8 +127,10 @@ class Block(nn.Module):
         return x + h, {"mixer": mixer_state, "channel": channel_state}
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> dict:
-        return {"mixer": self.mixer.init_state(batch_size, device, dtype),
-                "channel": self.channel.init_state(batch_size, device, dtype)}
+        return {
+            "mixer": self.mixer.init_state(batch_size, device, dtype),
+            "channel": self.channel.init_state(batch_size, device, dtype),
+        }
 
 
 @dataclass
@@ -125,8 +164,10 @@ class HybridLM(nn.Module, PyTorchModelHubMixin, library_name="nestlm", tags=["ne
         p = self.embed.weight
         device = device if device is not None else p.device
         dtype = dtype if dtype is not None else p.dtype
-        return State([blk.init_state(batch_size, device, dtype) for blk in self.blocks],
-                     {"config_hash": self._config_hash, "tokens_seen": 0})
+        return State(
+            [blk.init_state(batch_size, device, dtype) for blk in self.blocks],
+            {"config_hash": self._config_hash, "tokens_seen": 0},
+        )
 
     def block_kinds(self) -> list[tuple[str, str]]:
         """(mixer, channel mixer) type of every block: the aliases of reset-policy patterns."""
@@ -160,17 +201,24 @@ class HybridLM(nn.Module, PyTorchModelHubMixin, library_name="nestlm", tags=["ne
         logits = self.lm_head(self.norm_f(x))
         return LMOutput(logits, State(new_blocks, state.continued(input_ids.shape[1], self._config_hash)))
 
-    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, state: State | None = None,
-             ignore_index: int = -100) -> tuple[torch.Tensor, State]:
+    def loss(
+        self, input_ids: torch.Tensor, targets: torch.Tensor, state: State | None = None, ignore_index: int = -100
+    ) -> tuple[torch.Tensor, State]:
         """Mean next-token cross-entropy of `targets` [B, T] given `input_ids` [B, T]."""
         out = self(input_ids, state)
         loss = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)
         return loss, out.state
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-                 top_k: int | None = None, state: State | None = None, generator: torch.Generator | None = None
-                 ) -> tuple[torch.Tensor, State]:
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        state: State | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, State]:
         """Decode with the recurrent state: prefill `input_ids` [B, T], then one token per step.
 
         temperature 0 is greedy. Returns (new tokens [B, max_new_tokens], state after the last one fed).
@@ -208,8 +256,10 @@ class HybridLM(nn.Module, PyTorchModelHubMixin, library_name="nestlm", tags=["ne
         path = Path(model_id)
         cfg_file, weights = path / "config.json", path / "model.safetensors"
         if not path.is_dir():
-            raise FileNotFoundError(f"HybridLM.from_pretrained: {path} is not a directory (expected an export "
-                                    "folder with config.json and model.safetensors)")
+            raise FileNotFoundError(
+                f"HybridLM.from_pretrained: {path} is not a directory (expected an export "
+                "folder with config.json and model.safetensors)"
+            )
         for f in (cfg_file, weights):
             if not f.is_file():
                 raise FileNotFoundError(f"HybridLM.from_pretrained: missing {f}")
@@ -227,8 +277,10 @@ class HybridLM(nn.Module, PyTorchModelHubMixin, library_name="nestlm", tags=["ne
         except Exception as e:
             raise ValueError(f"HybridLM.from_pretrained: cannot read {weights} ({e})") from None
         if strict and (missing or unexpected):
-            raise ValueError(f"HybridLM.from_pretrained: {weights} does not match the config: missing "
-                             f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+            raise ValueError(
+                f"HybridLM.from_pretrained: {weights} does not match the config: missing "
+                f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+            )
         return model
 
     @classmethod

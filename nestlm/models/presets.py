@@ -7,13 +7,35 @@ from typing import Any
 
 SIZES: dict[str, dict[str, Any]] = {
     # ~1-3M parameters: trains on a laptop CPU in minutes.
-    "tiny": dict(vocab_size=512, d_model=128, n_heads=4, window=128, ssm_headdim=32, ssm_d_state=32,
-                 ssm_chunk_size=64, mem_heads=4, mem_head_dim=32, mem_chunk_size=16, hope_chunk_size=16,
-                 cms_periods=[None, 16, 64]),
+    "tiny": dict(
+        vocab_size=512,
+        d_model=128,
+        n_heads=4,
+        window=128,
+        ssm_headdim=32,
+        ssm_d_state=32,
+        ssm_chunk_size=64,
+        mem_heads=4,
+        mem_head_dim=32,
+        mem_chunk_size=16,
+        hope_chunk_size=16,
+        cms_periods=[None, 16, 64],
+    ),
     # ~125M parameters (GPT-2 small scale).
-    "125m": dict(vocab_size=50304, d_model=768, n_heads=12, window=2048, ssm_headdim=64, ssm_d_state=128,
-                 ssm_chunk_size=256, mem_heads=12, mem_head_dim=64, mem_chunk_size=64, hope_chunk_size=16,
-                 cms_periods=[None, 512, 2048]),
+    "125m": dict(
+        vocab_size=50304,
+        d_model=768,
+        n_heads=12,
+        window=2048,
+        ssm_headdim=64,
+        ssm_d_state=128,
+        ssm_chunk_size=256,
+        mem_heads=12,
+        mem_head_dim=64,
+        mem_chunk_size=64,
+        hope_chunk_size=16,
+        cms_periods=[None, 512, 2048],
+    ),
 }
 
 N_BLOCKS = {"tiny": 6, "125m": 12}

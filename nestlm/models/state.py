@@ -130,8 +130,13 @@ class State:
 
     def continued(self, tokens: int, config_hash: str | None) -> dict[str, Any]:
         """Metadata for the state that follows this one after `tokens` more tokens."""
-        return {"config_hash": config_hash, "tokens_seen": self.tokens_seen + tokens, "created": _now(),
-                "id": None, "parent": self.meta["id"] or self.meta["parent"]}
+        return {
+            "config_hash": config_hash,
+            "tokens_seen": self.tokens_seen + tokens,
+            "created": _now(),
+            "id": None,
+            "parent": self.meta["id"] or self.meta["parent"],
+        }
 
     # --- audit --------------------------------------------------------------------------------
     def diff(self, other: State) -> dict[str, float]:
@@ -152,14 +157,13 @@ class State:
         return out
 
     # --- episodes -----------------------------------------------------------------------------
-    def reset_policies(self, kinds: Sequence[tuple[str, str]], policy: dict[str, str] | None = None
-                       ) -> dict[str, str]:
+    def reset_policies(self, kinds: Sequence[tuple[str, str]], policy: dict[str, str] | None = None) -> dict[str, str]:
         """Component full name -> `episode` | `persistent`, for blocks whose (mixer, channel) types are `kinds`."""
         self._check_kinds(kinds)
         out = {}
         for i, blk in enumerate(self.blocks):
             for part, kind in zip(PARTS, kinds[i]):
-                for name in (blk.get(part) or {}):
+                for name in blk.get(part) or {}:
                     full, alias = component_names(i, part, name, kind)
                     out[full] = reset_policy_of(full, alias, policy)
         return out
@@ -179,8 +183,10 @@ class State:
             for part, kind in zip(PARTS, kinds[i]):
                 cur, new = blk.get(part) or {}, (fresh.blocks[i].get(part) or {})
                 if cur.keys() != new.keys():
-                    raise ValueError(f"State.reset: block {i} {part} holds {sorted(cur)}, the fresh state "
-                                     f"{sorted(new)}; same model expected")
+                    raise ValueError(
+                        f"State.reset: block {i} {part} holds {sorted(cur)}, the fresh state "
+                        f"{sorted(new)}; same model expected"
+                    )
                 out = {}
                 for name, t in cur.items():
                     full, alias = component_names(i, part, name, kind)
@@ -188,14 +194,16 @@ class State:
                 new_blk[part] = out
             blocks.append(new_blk)
         meta = dict(self.meta)
-        meta.update(created=_now(), id=None, parent=self.meta["id"] or self.meta["parent"],
-                    episode_start=self.tokens_seen)
+        meta.update(
+            created=_now(), id=None, parent=self.meta["id"] or self.meta["parent"], episode_start=self.tokens_seen
+        )
         return State(blocks, meta)
 
     def _check_kinds(self, kinds: Sequence[tuple[str, str]]) -> None:
         if len(kinds) != len(self.blocks) or any(len(k) != len(PARTS) for k in kinds):
-            raise ValueError(f"State: kinds must hold one (mixer, channel) pair per block ({len(self.blocks)}), "
-                             f"got {list(kinds)!r}")
+            raise ValueError(
+                f"State: kinds must hold one (mixer, channel) pair per block ({len(self.blocks)}), got {list(kinds)!r}"
+            )
 
     # --- persistence --------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> str:
@@ -234,7 +242,9 @@ class State:
 
     def check_compatible(self, config_hash: str, n_blocks: int) -> None:
         if self.config_hash is not None and self.config_hash != config_hash:
-            raise ValueError(f"State: built for config {self.config_hash}, but the model's config is "
-                             f"{config_hash}; a state only loads into the architecture that made it")
+            raise ValueError(
+                f"State: built for config {self.config_hash}, but the model's config is "
+                f"{config_hash}; a state only loads into the architecture that made it"
+            )
         if len(self.blocks) != n_blocks:
             raise ValueError(f"State: has {len(self.blocks)} blocks, the model has {n_blocks}")

@@ -94,16 +94,39 @@ def memory_scan_fwd(q, k, v, lr, momentum, decay, W, S, A, chunk_size, offset, s
     f32 = [t.to(torch.float32).contiguous() for t in (lr, momentum, decay, W, S, A)]
     with torch.cuda.device(q.device):
         y, W1, S1, A1, Wst, Sst = ext.memory_scan_fwd(
-            q.to(dt).contiguous(), k.to(dt).contiguous(), v.to(dt).contiguous(), *f32,
-            int(chunk_size), int(offset), bool(save_states), bool(y_fp32 or dt == torch.float32),
-            _stream(q.device))
+            q.to(dt).contiguous(),
+            k.to(dt).contiguous(),
+            v.to(dt).contiguous(),
+            *f32,
+            int(chunk_size),
+            int(offset),
+            bool(save_states),
+            bool(y_fp32 or dt == torch.float32),
+            _stream(q.device),
+        )
     if not save_states:
         Wst = Sst = None
     return y, W1.to(W.dtype), S1.to(S.dtype), A1.to(A.dtype), Wst, Sst
 
 
-def memory_scan_bwd(q, k, v, lr, momentum, decay, A, W_states, S_states, chunk_size, offset,
-                    dy, dW_end, dS_end, dA_end, first_order=False):
+def memory_scan_bwd(
+    q,
+    k,
+    v,
+    lr,
+    momentum,
+    decay,
+    A,
+    W_states,
+    S_states,
+    chunk_size,
+    offset,
+    dy,
+    dW_end,
+    dS_end,
+    dA_end,
+    first_order=False,
+):
     """Kernel backward; same contract as nestlm.ops.memory_fused.memory_scan_bwd_torch."""
     ext = load()
     dt = _in_dtype(q, k, v)
@@ -111,11 +134,28 @@ def memory_scan_bwd(q, k, v, lr, momentum, decay, A, W_states, S_states, chunk_s
     ends = [t.to(torch.float32).contiguous() for t in (dW_end, dS_end, dA_end)]
     with torch.cuda.device(q.device):
         out = ext.memory_scan_bwd(
-            q.to(dt).contiguous(), k.to(dt).contiguous(), v.to(dt).contiguous(), *f32,
-            W_states, S_states, int(chunk_size), int(offset),
-            (dy if dy.dtype == torch.float32 else dy.to(dt)).contiguous(), *ends, bool(first_order),
-            _stream(q.device))
+            q.to(dt).contiguous(),
+            k.to(dt).contiguous(),
+            v.to(dt).contiguous(),
+            *f32,
+            W_states,
+            S_states,
+            int(chunk_size),
+            int(offset),
+            (dy if dy.dtype == torch.float32 else dy.to(dt)).contiguous(),
+            *ends,
+            bool(first_order),
+            _stream(q.device),
+        )
     dq, dk, dv, dlr, dmom, ddec, dW0, dS0, dA = out
-    return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dlr.to(lr.dtype), dmom.to(momentum.dtype),
-            ddec.to(decay.dtype), dW0.to(A.dtype), dS0.to(A.dtype), dA.to(A.dtype))
-
+    return (
+        dq.to(q.dtype),
+        dk.to(k.dtype),
+        dv.to(v.dtype),
+        dlr.to(lr.dtype),
+        dmom.to(momentum.dtype),
+        ddec.to(decay.dtype),
+        dW0.to(A.dtype),
+        dS0.to(A.dtype),
+        dA.to(A.dtype),
+    )

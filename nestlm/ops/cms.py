@@ -35,8 +35,14 @@ from nestlm.ops._chunks import chunk_pieces
 def _check(u: Tensor, k: Tensor, v: Tensor, eta: Tensor, W: Tensor, G: Tensor, pos: Tensor, period: int) -> None:
     b, t, n = u.shape
     d = W.shape[-1]
-    expect = {"k": (k, (b, t, n)), "v": (v, (b, t, d)), "eta": (eta, (b, t)), "W": (W, (b, n, d)),
-              "G": (G, (b, n, d)), "pos": (pos, (b,))}
+    expect = {
+        "k": (k, (b, t, n)),
+        "v": (v, (b, t, d)),
+        "eta": (eta, (b, t)),
+        "W": (W, (b, n, d)),
+        "G": (G, (b, n, d)),
+        "pos": (pos, (b,)),
+    }
     for name, (x, shape) in expect.items():
         if tuple(x.shape) != shape:
             raise ValueError(f"cms_scan: {name} must have shape {shape}, got {tuple(x.shape)}")
@@ -99,7 +105,7 @@ class _PeriodScan(torch.autograd.Function):
     def backward(ctx, gy, gW, gG):
         uk, k, eta, *rest = ctx.saved_tensors
         pieces, closes, period = ctx.pieces, ctx.closes, ctx.period
-        Ws, errs = rest[: len(pieces)], rest[len(pieces):]
+        Ws, errs = rest[: len(pieces)], rest[len(pieces) :]
         gW = gW.clone()  # accumulated in place below
         gu, gk, gv, geta = [], [], [], []
         splits = zip(uk.split([2 * s for s in pieces], 1), *(x.split(pieces, dim=1) for x in (k, eta, gy)))
@@ -129,8 +135,9 @@ class _PeriodScan(torch.autograd.Function):
         return (*grads, gW, gG, None, None, None)
 
 
-def cms_scan(u: Tensor, k: Tensor, v: Tensor, eta: Tensor, W: Tensor, G: Tensor, pos: Tensor, period: int
-             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def cms_scan(
+    u: Tensor, k: Tensor, v: Tensor, eta: Tensor, W: Tensor, G: Tensor, pos: Tensor, period: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Chunked CMS level: read and write fast weights over a segment.
 
     u, k: [b, t, n] read / key features; v: [b, t, d] targets; eta: [b, t] per-token step sizes.
@@ -155,8 +162,9 @@ def cms_scan(u: Tensor, k: Tensor, v: Tensor, eta: Tensor, W: Tensor, G: Tensor,
     return y, W, G, pos + t
 
 
-def cms_scan_ref(u: Tensor, k: Tensor, v: Tensor, eta: Tensor, W: Tensor, G: Tensor, pos: Tensor, period: int
-                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def cms_scan_ref(
+    u: Tensor, k: Tensor, v: Tensor, eta: Tensor, W: Tensor, G: Tensor, pos: Tensor, period: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Token-loop reference of `cms_scan` (same arguments and results; rows may be at any position)."""
     _check(u, k, v, eta, W, G, pos, period)
     dt = W.dtype

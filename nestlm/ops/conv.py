@@ -27,9 +27,7 @@ def _check(x, weight, bias, initial_states, activation) -> None:
         raise ValueError(f"causal_conv1d: x must be [batch, dim, seqlen], got shape {tuple(x.shape)}")
     d = x.shape[1]
     if weight.dim() != 2 or weight.shape[0] != d or weight.shape[1] < 1:
-        raise ValueError(
-            f"causal_conv1d: weight must be [dim={d}, width>=1], got shape {tuple(weight.shape)}"
-        )
+        raise ValueError(f"causal_conv1d: weight must be [dim={d}, width>=1], got shape {tuple(weight.shape)}")
     if bias is not None and tuple(bias.shape) != (d,):
         raise ValueError(f"causal_conv1d: bias must be [dim={d}], got shape {tuple(bias.shape)}")
     w = weight.shape[1]
@@ -39,9 +37,7 @@ def _check(x, weight, bias, initial_states, activation) -> None:
             f"got shape {tuple(initial_states.shape)}"
         )
     if activation not in _ACTIVATIONS:
-        raise ValueError(
-            f"causal_conv1d: activation must be one of None, 'silu', 'swish'; got {activation!r}"
-        )
+        raise ValueError(f"causal_conv1d: activation must be one of None, 'silu', 'swish'; got {activation!r}")
 
 
 def _final_states(xcat: torch.Tensor, w: int) -> torch.Tensor:
@@ -106,9 +102,7 @@ def _conv_torch(x, weight, bias, initial_states, return_final_states, activation
         xcat = torch.cat([state.transpose(1, 2), x.transpose(1, 2)], dim=1).transpose(1, 2)
     else:
         xcat = torch.cat([state, x], dim=-1)
-    out = _ShiftConv.apply(
-        xcat, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), activation is not None
-    )
+    out = _ShiftConv.apply(xcat, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), activation is not None)
     if not return_final_states:
         return out
     return out, _final_states(xcat, w).to(x.dtype).contiguous()

@@ -127,7 +127,7 @@ def _groups(sizes: list[int], C: int) -> list[int]:
     """Lengths of [leading partial piece, all whole chunks, trailing partial piece] (zeros dropped)
     of a segment cut by `chunk_pieces`: the parts that batch together."""
     first = sizes[0] if sizes and sizes[0] != C else 0
-    full = C * sum(1 for x in sizes[1 if first else 0:] if x == C)
+    full = C * sum(1 for x in sizes[1 if first else 0 :] if x == C)
     return [g for g in (first, full, sum(sizes) - first - full) if g]
 
 
@@ -154,7 +154,7 @@ def _read_pieces(anchors: list[Tensor], q: Tensor, sizes: list[int], C: int) -> 
     for g, q_g in zip(groups, q.split(groups, 2)):
         if sizes[i] == C:  # the whole chunks
             n = g // C
-            A = torch.stack(anchors[i:i + n], 2)  # [b, h, n, r, c]
+            A = torch.stack(anchors[i : i + n], 2)  # [b, h, n, r, c]
             y = q_g.unflatten(2, (n, C)) @ A.transpose(-1, -2)  # [b, h, n, C, r]
             outs.append(y.flatten(2, 3))
             i += n
@@ -170,8 +170,15 @@ def _check(xh: Tensor, q: Tensor, log_mu: Tensor, state: dict, chunk_size: int, 
         raise ValueError(f"selfmod_scan: q must have shape {(b, t, h, c)}, got {tuple(q.shape)}")
     if tuple(log_mu.shape) != (b, t, h):
         raise ValueError(f"selfmod_scan: log_mu must have shape {(b, t, h)}, got {tuple(log_mu.shape)}")
-    shapes = {"aux_W": (b, h, 2 * c + 2, c), "aux_A": (b, h, 2 * c + 2, c), "aux_S": (b, h, 2 * c + 2, c),
-              "mem_W": (b, h, c, c), "mem_A": (b, h, c, c), "mem_S": (b, h, c, c), "pos": (b,)}
+    shapes = {
+        "aux_W": (b, h, 2 * c + 2, c),
+        "aux_A": (b, h, 2 * c + 2, c),
+        "aux_S": (b, h, 2 * c + 2, c),
+        "mem_W": (b, h, c, c),
+        "mem_A": (b, h, c, c),
+        "mem_S": (b, h, c, c),
+        "pos": (b,),
+    }
     for key, shape in shapes.items():
         if key not in state:
             raise ValueError(f"selfmod_scan: state lacks {key!r}")
@@ -183,9 +190,19 @@ def _check(xh: Tensor, q: Tensor, log_mu: Tensor, state: dict, chunk_size: int, 
     return c
 
 
-def selfmod_scan(xh: Tensor, q: Tensor, log_mu: Tensor, b_eta: Tensor, b_alpha: Tensor, aux_init: Tensor,
-                 mem_init: Tensor, max_lr: float, state: dict, chunk_size: int, aux_chunk_size: int
-                 ) -> tuple[Tensor, dict]:
+def selfmod_scan(
+    xh: Tensor,
+    q: Tensor,
+    log_mu: Tensor,
+    b_eta: Tensor,
+    b_alpha: Tensor,
+    aux_init: Tensor,
+    mem_init: Tensor,
+    max_lr: float,
+    state: dict,
+    chunk_size: int,
+    aux_chunk_size: int,
+) -> tuple[Tensor, dict]:
     """Chunked self-modifying Titans.
 
     xh: [b, t, h, c] memory inputs; q: [b, t, h, c] queries (normalised by the caller);
@@ -202,7 +219,8 @@ def selfmod_scan(xh: Tensor, q: Tensor, log_mu: Tensor, b_eta: Tensor, b_alpha: 
         raise ValueError("selfmod_scan: state['pos'] must be equal across the batch")
     dt = state["mem_W"].dtype
     xh, q, log_mu, b_eta, b_alpha, aux_init, mem_init = (
-        x.to(dt) for x in (xh, q, log_mu, b_eta, b_alpha, aux_init, mem_init))
+        x.to(dt) for x in (xh, q, log_mu, b_eta, b_alpha, aux_init, mem_init)
+    )
     # head-major inside ([b, h, t, .]): every read is then one matmul with a contiguous result, and
     # the coefficients run along the last dim; the layout changes once per call, not per chunk
     xh, q, log_mu = (x.transpose(1, 2).contiguous() for x in (xh, q, log_mu))
@@ -248,14 +266,25 @@ def _apply(M: Tensor, x: Tensor) -> Tensor:
     return (M @ x[..., None])[..., 0]
 
 
-def selfmod_scan_ref(xh: Tensor, q: Tensor, log_mu: Tensor, b_eta: Tensor, b_alpha: Tensor, aux_init: Tensor,
-                     mem_init: Tensor, max_lr: float, state: dict, chunk_size: int, aux_chunk_size: int
-                     ) -> tuple[Tensor, dict]:
+def selfmod_scan_ref(
+    xh: Tensor,
+    q: Tensor,
+    log_mu: Tensor,
+    b_eta: Tensor,
+    b_alpha: Tensor,
+    aux_init: Tensor,
+    mem_init: Tensor,
+    max_lr: float,
+    state: dict,
+    chunk_size: int,
+    aux_chunk_size: int,
+) -> tuple[Tensor, dict]:
     """Token-loop reference of `selfmod_scan` (same arguments and results; rows may be at any position)."""
     c = _check(xh, q, log_mu, state, chunk_size, aux_chunk_size)
     dt = state["mem_W"].dtype
     xh, q, log_mu, b_eta, b_alpha, aux_init, mem_init = (
-        x.to(dt) for x in (xh, q, log_mu, b_eta, b_alpha, aux_init, mem_init))
+        x.to(dt) for x in (xh, q, log_mu, b_eta, b_alpha, aux_init, mem_init)
+    )
     init = {"aux": aux_init, "mem": mem_init}
     st = dict(state)
     outs = []

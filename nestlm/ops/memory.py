@@ -458,8 +458,25 @@ def linear_memory_scan(
         return linear_memory_scan_fused(
             q, k, v, lr, momentum, decay, W[0], S[0], Wa, chunk_size, offset, return_state, use_kernel=True
         )
-    out = _run("linear_memory_scan", True, mem, q, k, v, lr, momentum, decay, W, S,
-               W_anchor, chunk_size, offset, return_state, first_order, max_grad_norm)
+    out = _run(
+        "linear_memory_scan",
+        True,
+        mem,
+        q,
+        k,
+        v,
+        lr,
+        momentum,
+        decay,
+        W,
+        S,
+        W_anchor,
+        chunk_size,
+        offset,
+        return_state,
+        first_order,
+        max_grad_norm,
+    )
     return _unpack_linear(out, return_state)
 
 
@@ -481,8 +498,25 @@ def linear_memory_scan_ref(
 ):
     """Token-loop reference of `linear_memory_scan` (same arguments and results)."""
     mem, W, S, W_anchor = _linear_memory(q, v, W, S, W_anchor)
-    out = _run("linear_memory_scan_ref", False, mem, q, k, v, lr, momentum, decay, W, S,
-               W_anchor, chunk_size, offset, return_state, first_order, max_grad_norm)
+    out = _run(
+        "linear_memory_scan_ref",
+        False,
+        mem,
+        q,
+        k,
+        v,
+        lr,
+        momentum,
+        decay,
+        W,
+        S,
+        W_anchor,
+        chunk_size,
+        offset,
+        return_state,
+        first_order,
+        max_grad_norm,
+    )
     return _unpack_linear(out, return_state)
 
 
@@ -551,8 +585,25 @@ def mlp_memory_scan(
     Returns y [b, l, h, d] and, if return_state, (W, S, W_anchor) as pairs.
     """
     mem, W, S, W_anchor = _mlp_memory("mlp_memory_scan", q, v, W, S, W_anchor, ln_weight, ln_bias, eps)
-    return _run("mlp_memory_scan", True, mem, q, k, v, lr, momentum, decay, W, S,
-                W_anchor, chunk_size, offset, return_state, first_order, max_grad_norm)
+    return _run(
+        "mlp_memory_scan",
+        True,
+        mem,
+        q,
+        k,
+        v,
+        lr,
+        momentum,
+        decay,
+        W,
+        S,
+        W_anchor,
+        chunk_size,
+        offset,
+        return_state,
+        first_order,
+        max_grad_norm,
+    )
 
 
 def mlp_memory_scan_ref(
@@ -576,5 +627,22 @@ def mlp_memory_scan_ref(
 ):
     """Token-loop reference of `mlp_memory_scan` (same arguments and results)."""
     mem, W, S, W_anchor = _mlp_memory("mlp_memory_scan_ref", q, v, W, S, W_anchor, ln_weight, ln_bias, eps)
-    return _run("mlp_memory_scan_ref", False, mem, q, k, v, lr, momentum, decay, W, S,
-                W_anchor, chunk_size, offset, return_state, first_order, max_grad_norm)
+    return _run(
+        "mlp_memory_scan_ref",
+        False,
+        mem,
+        q,
+        k,
+        v,
+        lr,
+        momentum,
+        decay,
+        W,
+        S,
+        W_anchor,
+        chunk_size,
+        offset,
+        return_state,
+        first_order,
+        max_grad_norm,
+    )

@@ -149,8 +149,24 @@ def memory_scan_fwd_torch(q, k, v, lr, momentum, decay, W, S, A, chunk_size, off
     return y, W, S, A, Wst, Sst
 
 
-def memory_scan_bwd_torch(q, k, v, lr, momentum, decay, A_in, W_states, S_states, chunk_size, offset,
-                          dy, dW_end, dS_end, dA_end, first_order=False):
+def memory_scan_bwd_torch(
+    q,
+    k,
+    v,
+    lr,
+    momentum,
+    decay,
+    A_in,
+    W_states,
+    S_states,
+    chunk_size,
+    offset,
+    dy,
+    dW_end,
+    dS_end,
+    dA_end,
+    first_order=False,
+):
     """Reverse sweep over segments, recomputing each from its saved start state.
 
     first_order: the inner gradients were taken at a detached anchor, so the anchor gets gradient
@@ -191,8 +207,9 @@ def memory_scan_bwd_torch(q, k, v, lr, momentum, decay, A_in, W_states, S_states
         dq[:, :, s:e] = dYc @ A
         dk[:, :, s:e] = GR @ A - 2.0 * (a[..., None] * R) @ dS - 2.0 * (c[..., None] * R) @ dW
         dv[:, :, s:e] = -GR
-        t_, e_, a_ = chunk_coefficients_backward(th[..., s:e], et[..., s:e], al[..., s:e], P, g, D,
-                                                 da, dc, dE, dB, dgamma)
+        t_, e_, a_ = chunk_coefficients_backward(
+            th[..., s:e], et[..., s:e], al[..., s:e], P, g, D, da, dc, dE, dB, dgamma
+        )
         dth[..., s:e], det[..., s:e], dal[..., s:e] = t_, e_, a_
         dS, dW = E[..., None, None] * dS + gamma[..., None, None] * dW, B[..., None, None] * dW
         if anchor_is_w0:
@@ -201,8 +218,17 @@ def memory_scan_bwd_torch(q, k, v, lr, momentum, decay, A_in, W_states, S_states
             dA_in = dA_in + dA
     if not segs:
         dA_in = dA_in + dA_end
-    return (dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), dth.transpose(1, 2),
-            det.transpose(1, 2), dal.transpose(1, 2), dW, dS, dA_in)
+    return (
+        dq.transpose(1, 2),
+        dk.transpose(1, 2),
+        dv.transpose(1, 2),
+        dth.transpose(1, 2),
+        det.transpose(1, 2),
+        dal.transpose(1, 2),
+        dW,
+        dS,
+        dA_in,
+    )
 
 
 class LinearMemoryScanFn(torch.autograd.Function):
@@ -220,12 +246,14 @@ class LinearMemoryScanFn(torch.autograd.Function):
         if use_kernel:
             from nestlm.ops import _csrc
 
-            y, W1, S1, A1, Wst, Sst = _csrc.memory_scan_fwd(q, k, v, lr, momentum, decay, W, S, A,
-                                                            chunk_size, offset, save)
+            y, W1, S1, A1, Wst, Sst = _csrc.memory_scan_fwd(
+                q, k, v, lr, momentum, decay, W, S, A, chunk_size, offset, save
+            )
         else:
             q, k, v, lr, momentum, decay = (t.to(W.dtype) for t in (q, k, v, lr, momentum, decay))
-            y, W1, S1, A1, Wst, Sst = memory_scan_fwd_torch(q, k, v, lr, momentum, decay, W, S, A,
-                                                            chunk_size, offset, save)
+            y, W1, S1, A1, Wst, Sst = memory_scan_fwd_torch(
+                q, k, v, lr, momentum, decay, W, S, A, chunk_size, offset, save
+            )
         if save:
             ctx.save_for_backward(q, k, v, lr, momentum, decay, A, Wst, Sst)
         ctx.chunk_size, ctx.offset, ctx.use_kernel, ctx.first_order = chunk_size, offset, use_kernel, first_order
@@ -244,11 +272,43 @@ class LinearMemoryScanFn(torch.autograd.Function):
         if ctx.use_kernel:
             from nestlm.ops import _csrc
 
-            grads = _csrc.memory_scan_bwd(q, k, v, lr, momentum, decay, A, Wst, Sst, ctx.chunk_size,
-                                          ctx.offset, dy, dW1, dS1, dA1, ctx.first_order)
+            grads = _csrc.memory_scan_bwd(
+                q,
+                k,
+                v,
+                lr,
+                momentum,
+                decay,
+                A,
+                Wst,
+                Sst,
+                ctx.chunk_size,
+                ctx.offset,
+                dy,
+                dW1,
+                dS1,
+                dA1,
+                ctx.first_order,
+            )
         else:
-            grads = memory_scan_bwd_torch(q, k, v, lr, momentum, decay, A, Wst, Sst, ctx.chunk_size,
-                                          ctx.offset, dy, dW1, dS1, dA1, ctx.first_order)
+            grads = memory_scan_bwd_torch(
+                q,
+                k,
+                v,
+                lr,
+                momentum,
+                decay,
+                A,
+                Wst,
+                Sst,
+                ctx.chunk_size,
+                ctx.offset,
+                dy,
+                dW1,
+                dS1,
+                dA1,
+                ctx.first_order,
+            )
         grads = [g.to(dt) for g, dt in zip(grads[:6], ctx.in_dtypes)] + list(grads[6:])
         return (*grads, None, None, None, None)
 
@@ -258,8 +318,22 @@ def _check(name, t, shape, what):
         raise ValueError(f"{name} must have shape {what} = {tuple(shape)}, got {tuple(t.shape)}")
 
 
-def linear_memory_scan_fused(q, k, v, lr, momentum, decay, W, S, W_anchor=None, chunk_size=16, offset=0,
-                             return_state=True, first_order=False, use_kernel=None):
+def linear_memory_scan_fused(
+    q,
+    k,
+    v,
+    lr,
+    momentum,
+    decay,
+    W,
+    S,
+    W_anchor=None,
+    chunk_size=16,
+    offset=0,
+    return_state=True,
+    first_order=False,
+    use_kernel=None,
+):
     """Linear memory scan through the fused kernels (CUDA) or their PyTorch form.
 
     q, k [b, l, h, dk]; v [b, l, h, dv]; lr (theta), momentum (eta), decay (alpha) [b, l, h];
@@ -301,6 +375,7 @@ def linear_memory_scan_fused(q, k, v, lr, momentum, decay, W, S, W_anchor=None, 
         use_kernel = False  # the kernels keep fp32 state; fp64 (tests) stays on the PyTorch form
     # the recurrence runs in the state dtype whatever autocast says
     with torch.autocast(device_type=q.device.type, enabled=False):
-        y, W1, S1, A1 = LinearMemoryScanFn.apply(q, k, v, lr, momentum, decay, W, S, A, chunk_size, offset,
-                                                 bool(use_kernel), bool(first_order))
+        y, W1, S1, A1 = LinearMemoryScanFn.apply(
+            q, k, v, lr, momentum, decay, W, S, A, chunk_size, offset, bool(use_kernel), bool(first_order)
+        )
     return (y, (W1, S1, A1)) if return_state else y

@@ -39,9 +39,7 @@ def _check(u, delta, A, B, C, D, z, delta_bias, initial_state) -> tuple[int, ...
         raise ValueError(f"selective_scan: u must be [batch, dim, seqlen], got shape {tuple(u.shape)}")
     b, d, length = u.shape
     if tuple(delta.shape) != (b, d, length):
-        raise ValueError(
-            f"selective_scan: delta must have u's shape {(b, d, length)}, got {tuple(delta.shape)}"
-        )
+        raise ValueError(f"selective_scan: delta must have u's shape {(b, d, length)}, got {tuple(delta.shape)}")
     if A.is_complex():
         raise ValueError("selective_scan: complex A is not supported; A must be a real [dim, dstate] tensor")
     if A.dim() != 2 or A.shape[0] != d:
@@ -49,11 +47,7 @@ def _check(u, delta, A, B, C, D, z, delta_bias, initial_state) -> tuple[int, ...
     n = A.shape[1]
     for name, M in (("B", B), ("C", C)):
         ok = (M.dim() == 3 and tuple(M.shape) == (b, n, length)) or (
-            M.dim() == 4
-            and M.shape[0] == b
-            and M.shape[2:] == (n, length)
-            and M.shape[1] >= 1
-            and d % M.shape[1] == 0
+            M.dim() == 4 and M.shape[0] == b and M.shape[2:] == (n, length) and M.shape[1] >= 1 and d % M.shape[1] == 0
         )
         if not ok:
             raise ValueError(
@@ -61,9 +55,7 @@ def _check(u, delta, A, B, C, D, z, delta_bias, initial_state) -> tuple[int, ...
                 f"[batch, groups, dstate, seqlen] with groups dividing dim={d}, got {tuple(M.shape)}"
             )
     if B.dim() == 4 and C.dim() == 4 and B.shape[1] != C.shape[1]:
-        raise ValueError(
-            f"selective_scan: B and C must have the same groups, got {B.shape[1]} and {C.shape[1]}"
-        )
+        raise ValueError(f"selective_scan: B and C must have the same groups, got {B.shape[1]} and {C.shape[1]}")
     if D is not None and tuple(D.shape) != (d,):
         raise ValueError(f"selective_scan: D must be [dim={d}], got shape {tuple(D.shape)}")
     if z is not None and tuple(z.shape) != (b, d, length):
@@ -72,8 +64,7 @@ def _check(u, delta, A, B, C, D, z, delta_bias, initial_state) -> tuple[int, ...
         raise ValueError(f"selective_scan: delta_bias must be [dim={d}], got shape {tuple(delta_bias.shape)}")
     if initial_state is not None and tuple(initial_state.shape) != (b, d, n):
         raise ValueError(
-            f"selective_scan: initial_state must be [batch, dim, dstate]={(b, d, n)}, "
-            f"got {tuple(initial_state.shape)}"
+            f"selective_scan: initial_state must be [batch, dim, dstate]={(b, d, n)}, got {tuple(initial_state.shape)}"
         )
     return b, d, length, n
 
@@ -229,9 +220,7 @@ def _selective_scan_torch(
     h0 = u.new_zeros(b, d, n, dtype=cd) if initial_state is None else initial_state.to(cd)
     # the scan runs in the compute dtype whatever autocast says
     with torch.autocast(device_type=u.device.type, enabled=False):
-        y, last = _ChunkedScan.apply(
-            u.to(cd), delta_, A.to(cd), _grouped(B).to(cd), _grouped(C).to(cd), h0, chunk
-        )
+        y, last = _ChunkedScan.apply(u.to(cd), delta_, A.to(cd), _grouped(B).to(cd), _grouped(C).to(cd), h0, chunk)
     out = _finish(y, u, D, z, u.dtype)
     return (out, last) if return_last_state else out
 
@@ -258,11 +247,7 @@ def selective_scan(
     On CUDA the mamba-ssm kernel is used when importable and no initial_state is given.
     """
     _check(u, delta, A, B, C, D, z, delta_bias, initial_state)
-    if (
-        backends.choose("selective_scan", u.device) == "vendor"
-        and initial_state is None
-        and u.dtype != torch.float64
-    ):
+    if backends.choose("selective_scan", u.device) == "vendor" and initial_state is None and u.dtype != torch.float64:
         fn = backends.vendor_fn("selective_scan")
         return fn(
             u,
@@ -276,9 +261,7 @@ def selective_scan(
             delta_softplus=delta_softplus,
             return_last_state=return_last_state,
         )
-    return _selective_scan_torch(
-        u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state
-    )
+    return _selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state)
 
 
 def selective_scan_ref(

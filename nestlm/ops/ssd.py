@@ -31,9 +31,7 @@ def _check(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states) -> tuple[i
         raise ValueError(f"ssd_scan: x must be [batch, seqlen, nheads, headdim], got shape {tuple(x.shape)}")
     b, length, h, p = x.shape
     if tuple(dt.shape) != (b, length, h):
-        raise ValueError(
-            f"ssd_scan: dt must be [batch, seqlen, nheads]={(b, length, h)}, got {tuple(dt.shape)}"
-        )
+        raise ValueError(f"ssd_scan: dt must be [batch, seqlen, nheads]={(b, length, h)}, got {tuple(dt.shape)}")
     if tuple(A.shape) != (h,):
         raise ValueError(f"ssd_scan: A must be [nheads={h}], got shape {tuple(A.shape)}")
     if B.dim() != 4 or B.shape[:2] != (b, length):
@@ -46,9 +44,7 @@ def _check(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states) -> tuple[i
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"ssd_scan: chunk_size must be a positive int, got {chunk_size!r}")
     if D is not None and tuple(D.shape) not in ((h,), (h, p)):
-        raise ValueError(
-            f"ssd_scan: D must be [nheads={h}] or [nheads, headdim]={(h, p)}, got {tuple(D.shape)}"
-        )
+        raise ValueError(f"ssd_scan: D must be [nheads={h}] or [nheads, headdim]={(h, p)}, got {tuple(D.shape)}")
     if z is not None and tuple(z.shape) != tuple(x.shape):
         raise ValueError(f"ssd_scan: z must have x's shape {tuple(x.shape)}, got {tuple(z.shape)}")
     if dt_bias is not None and tuple(dt_bias.shape) != (h,):
@@ -170,11 +166,14 @@ class _ChunkedSSD(torch.autograd.Function):
         gB += gscores.transpose(-1, -2) @ Cc
         g_acs[..., -1] += g_last
         ga = g_acs.flip(-1).cumsum(-1).flip(-1)  # a_cs = cumsum(a)
-        return (gC.permute(0, 2, 3, 1, 4).reshape(b, nc * c, g, n),
-                gB.permute(0, 2, 3, 1, 4).reshape(b, nc * c, g, n),
-                gXc.permute(0, 3, 4, 1, 2, 5).reshape(b, nc * c, g * r, p),
-                ga.permute(0, 3, 4, 1, 2).reshape(b, nc * c, g * r),
-                g_run.reshape(b, g * r, p, n), None)
+        return (
+            gC.permute(0, 2, 3, 1, 4).reshape(b, nc * c, g, n),
+            gB.permute(0, 2, 3, 1, 4).reshape(b, nc * c, g, n),
+            gXc.permute(0, 3, 4, 1, 2, 5).reshape(b, nc * c, g * r, p),
+            ga.permute(0, 3, 4, 1, 2).reshape(b, nc * c, g * r),
+            g_run.reshape(b, g * r, p, n),
+            None,
+        )
 
 
 def _pad(t: torch.Tensor, pad: tuple[int, ...]) -> torch.Tensor:
@@ -214,9 +213,7 @@ def _ssd_torch(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_sof
     return out, state
 
 
-def _ssd_vendor(
-    fn, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_softplus, return_final_states
-):
+def _ssd_vendor(fn, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_softplus, return_final_states):
     return fn(
         x,
         dt,

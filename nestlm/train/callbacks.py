@@ -50,18 +50,24 @@ class TokenThroughput(ThroughputMonitor):
         if self.peak_flops is not None:
             self.available_flops = int(self.peak_flops)
             for s in list(self._throughputs):
-                self._throughputs[s] = Throughput(available_flops=self.available_flops,
-                                                  world_size=trainer.world_size, **self.kwargs)
+                self._throughputs[s] = Throughput(
+                    available_flops=self.available_flops, world_size=trainer.world_size, **self.kwargs
+                )
 
 
 def git_sha(path: str | os.PathLike | None = None) -> str | None:
     """Commit of the source tree nestlm is imported from (None outside a git checkout)."""
     where = Path(path) if path is not None else Path(__file__).resolve().parents[2]
     try:
-        sha = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        sha = subprocess.run(
+            ["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return (sha + ("-dirty" if dirty else "")) if sha else None
@@ -128,9 +134,13 @@ class TrainMetrics(Callback):
         if not trainer.is_global_zero:
             return
         info = {
-            "git_sha": git_sha(), "packages": package_versions(), "world_size": trainer.world_size,
-            "params": params_by_layer_type(pl_module.model), "config": pl_module.model.config.to_dict(),
-            "config_hash": pl_module.model.config.config_hash(), "precision": str(trainer.precision),
+            "git_sha": git_sha(),
+            "packages": package_versions(),
+            "world_size": trainer.world_size,
+            "params": params_by_layer_type(pl_module.model),
+            "config": pl_module.model.config.to_dict(),
+            "config_hash": pl_module.model.config.config_hash(),
+            "precision": str(trainer.precision),
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         run_dir = Path(trainer.default_root_dir)
@@ -139,9 +149,12 @@ class TrainMetrics(Callback):
         for logger in trainer.loggers:
             logger.log_hyperparams({"run_info": {k: v for k, v in info.items() if k != "config"}})
         p = info["params"]
-        print(f"nestlm: {p['total'] / 1e6:.2f}M parameters "
-              f"({', '.join(f'{k} {v / 1e6:.2f}M' for k, v in p.items() if k != 'total')}); "
-              f"git {info['git_sha']}; torch {info['packages']['torch']}", flush=True)
+        print(
+            f"nestlm: {p['total'] / 1e6:.2f}M parameters "
+            f"({', '.join(f'{k} {v / 1e6:.2f}M' for k, v in p.items() if k != 'total')}); "
+            f"git {info['git_sha']}; torch {info['packages']['torch']}",
+            flush=True,
+        )
 
     # --- per step ------------------------------------------------------------------------------
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -153,9 +166,11 @@ class TrainMetrics(Callback):
         total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
         loss = trainer.callback_metrics.get("train/loss")
         if not torch.isfinite(total):
-            raise NonFiniteLossError(f"gradient norm is {float(total)} at step {trainer.global_step + 1} "
-                                     f"(loss {float(loss) if loss is not None else 'n/a'}); stopped before the "
-                                     "optimizer step")
+            raise NonFiniteLossError(
+                f"gradient norm is {float(total)} at step {trainer.global_step + 1} "
+                f"(loss {float(loss) if loss is not None else 'n/a'}); stopped before the "
+                "optimizer step"
+            )
         pl_module.log("train/grad_norm", total, on_step=True, on_epoch=False)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -207,8 +222,11 @@ def memory_update_norms(model: torch.nn.Module, state) -> dict[str, float]:
         return {}
     floats = {k for k, t in state.flat().items() if t.is_floating_point()}
     d = fresh.diff(state.detach())
-    return {f"memory/{k}": v / math.sqrt(batch) for k, v in d.items()
-            if k in floats and any(k.startswith(p) for p in keep) and math.isfinite(v)}
+    return {
+        f"memory/{k}": v / math.sqrt(batch)
+        for k, v in d.items()
+        if k in floats and any(k.startswith(p) for p in keep) and math.isfinite(v)
+    }
 
 
 def check_finite_loss(loss: torch.Tensor, step: int) -> None:

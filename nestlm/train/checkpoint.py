@@ -158,7 +158,7 @@ def model_state_dict(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
         for w in _WRAPPERS:
             k = k.replace(w, "")
         if k.startswith("model."):
-            out[k[len("model."):]] = v
+            out[k[len("model.") :]] = v
     if not out:
         raise ValueError("checkpoint holds no `model.*` weights (not a nestlm NestLM checkpoint)")
     return out

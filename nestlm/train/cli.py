@@ -55,10 +55,16 @@ class NestCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
         self._t0 = time.time()
         super().__init__(
-            NestLM, L.LightningDataModule, subclass_mode_data=True,
-            save_config_callback=RunConfig, save_config_kwargs={"overwrite": True},
+            NestLM,
+            L.LightningDataModule,
+            subclass_mode_data=True,
+            save_config_callback=RunConfig,
+            save_config_kwargs={"overwrite": True},
             parser_kwargs={c: {"default_config_files": [str(DEFAULT_CONFIG)]} for c in SUBCOMMANDS},
-            auto_configure_optimizers=False, args=args, run=run)
+            auto_configure_optimizers=False,
+            args=args,
+            run=run,
+        )
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
@@ -69,8 +75,11 @@ class NestCLI(LightningCLI):
             tr.precision = "bf16-mixed" if gpu else "32-true"
         if tr.logger in (False, None) and isinstance(tr.callbacks, list):
             # LearningRateMonitor refuses to run without a logger; `--trainer.logger false` should just work
-            tr.callbacks = [c for c in tr.callbacks if not (isinstance(c, Namespace) and
-                                                            str(c.class_path).endswith("LearningRateMonitor"))]
+            tr.callbacks = [
+                c
+                for c in tr.callbacks
+                if not (isinstance(c, Namespace) and str(c.class_path).endswith("LearningRateMonitor"))
+            ]
         for lg in _class_paths(tr.logger):
             if str(lg.class_path).endswith("WandbRun") and lg.init_args.get("save_dir") is None:
                 lg.init_args.save_dir = tr.default_root_dir
@@ -97,10 +106,13 @@ class NestCLI(LightningCLI):
             found = newest_last_checkpoint(self.trainer)
             if found is None:
                 if self.subcommand != "fit":
-                    raise SystemExit(f"nestlm {self.subcommand}: --ckpt_path last: no checkpoint under "
-                                     f"{self.trainer.default_root_dir}")
-                print(f"nestlm fit: no checkpoint under {self.trainer.default_root_dir} yet; starting fresh",
-                      flush=True)
+                    raise SystemExit(
+                        f"nestlm {self.subcommand}: --ckpt_path last: no checkpoint under "
+                        f"{self.trainer.default_root_dir}"
+                    )
+                print(
+                    f"nestlm fit: no checkpoint under {self.trainer.default_root_dir} yet; starting fresh", flush=True
+                )
                 init.ckpt_path = None
                 return
             init.ckpt_path = found
@@ -147,8 +159,10 @@ class NestCLI(LightningCLI):
                 mode = "offline: `wandb sync " + path + "` uploads it" if lg._offline else "online"
                 lines.append(f"  W&B run     {path} ({mode})")
         if target is not None:
-            lines.append(f"  next        nestlm eval --ckpt {target} --envs ledger,shell,courier "
-                         f"--horizons 20,200,2000 --episodes 20 --seed 0 --out {run_dir / 'eval.json'}")
+            lines.append(
+                f"  next        nestlm eval --ckpt {target} --envs ledger,shell,courier "
+                f"--horizons 20,200,2000 --episodes 20 --seed 0 --out {run_dir / 'eval.json'}"
+            )
         print("\n".join(lines), flush=True)
 
 

@@ -45,7 +45,7 @@ def window_sample(tokens: np.ndarray, seq_len: int, pad_id: int, eos_id: int | N
         if len(hits):
             end = int(hits[0]) + 1
     y = x[1:].copy()
-    y[max(end - 1, 0):] = IGNORE
+    y[max(end - 1, 0) :] = IGNORE
     return x[:-1], y
 
 
@@ -76,8 +76,9 @@ class _StreamDataModule(L.LightningDataModule):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{type(self).__name__}.{name}={v!r} is invalid: expected an int >= 1")
         if segment_len is not None and (segment_len < 1 or seq_len % segment_len):
-            raise ValueError(f"{type(self).__name__}.segment_len={segment_len!r} is invalid: expected a divisor "
-                             f"of seq_len={seq_len}")
+            raise ValueError(
+                f"{type(self).__name__}.segment_len={segment_len!r} is invalid: expected a divisor of seq_len={seq_len}"
+            )
         self.seed, self.batch_size, self.seq_len = seed, batch_size, seq_len
         self.segment_len, self.num_workers = segment_len, num_workers
         self._cache: tuple[int, dict[str, torch.Tensor]] | None = None
@@ -113,8 +114,7 @@ class _StreamDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         ds = StepIndexedBatches(self.train_batch, start=self._start_index())
-        return DataLoader(ds, batch_size=None, num_workers=self.num_workers,
-                          persistent_workers=False, pin_memory=False)
+        return DataLoader(ds, batch_size=None, num_workers=self.num_workers, persistent_workers=False, pin_memory=False)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_batches(), batch_size=None)
@@ -124,8 +124,10 @@ class _StreamDataModule(L.LightningDataModule):
 
 
 def _stack(rows: Sequence[tuple[np.ndarray, np.ndarray]]) -> dict[str, torch.Tensor]:
-    return {"input_ids": torch.from_numpy(np.stack([r[0] for r in rows])),
-            "labels": torch.from_numpy(np.stack([r[1] for r in rows]))}
+    return {
+        "input_ids": torch.from_numpy(np.stack([r[0] for r in rows])),
+        "labels": torch.from_numpy(np.stack([r[1] for r in rows])),
+    }
 
 
 class SyntheticTrajectories(_StreamDataModule):
@@ -136,9 +138,20 @@ class SyntheticTrajectories(_StreamDataModule):
     `val_batches_n` batches from the `val_split` episodes.
     """
 
-    def __init__(self, envs: list[str] | None = None, seed: int = 0, batch_size: int = 8, seq_len: int = 512,
-                 min_steps: int = 20, max_steps: int = 200, segment_len: int | None = None,
-                 split: str = "train", val_split: str = "val", val_batches_n: int = 4, num_workers: int = 0) -> None:
+    def __init__(
+        self,
+        envs: list[str] | None = None,
+        seed: int = 0,
+        batch_size: int = 8,
+        seq_len: int = 512,
+        min_steps: int = 20,
+        max_steps: int = 200,
+        segment_len: int | None = None,
+        split: str = "train",
+        val_split: str = "val",
+        val_batches_n: int = 4,
+        num_workers: int = 0,
+    ) -> None:
         super().__init__(seed, batch_size, seq_len, segment_len, num_workers)
         from nestlm.eval import envs as env_lib
         from nestlm.eval.tokenizer import get_tokenizer
@@ -146,11 +159,14 @@ class SyntheticTrajectories(_StreamDataModule):
         self.envs = list(envs) if envs is not None else list(env_lib.ENVS)
         unknown = [e for e in self.envs if e not in env_lib.ENVS]
         if unknown or not self.envs:
-            raise ValueError(f"SyntheticTrajectories.envs={envs!r} is invalid: expected names from "
-                             f"{list(env_lib.ENVS)}")
+            raise ValueError(
+                f"SyntheticTrajectories.envs={envs!r} is invalid: expected names from {list(env_lib.ENVS)}"
+            )
         if not 1 <= min_steps <= max_steps:
-            raise ValueError(f"SyntheticTrajectories.min_steps/max_steps={min_steps}/{max_steps} are invalid: "
-                             "expected 1 <= min_steps <= max_steps")
+            raise ValueError(
+                f"SyntheticTrajectories.min_steps/max_steps={min_steps}/{max_steps} are invalid: "
+                "expected 1 <= min_steps <= max_steps"
+            )
         self.min_steps, self.max_steps = min_steps, max_steps
         self.split, self.val_split, self.val_batches_n = split, val_split, val_batches_n
         self._gen = env_lib.generate_episode
@@ -190,14 +206,23 @@ class TokenShards(_StreamDataModule):
     end-of-document token are masked.
     """
 
-    def __init__(self, data_dir: str, seed: int = 0, batch_size: int = 8, seq_len: int = 512,
-                 segment_len: int | None = None, val_batches_n: int = 8, num_workers: int = 0) -> None:
+    def __init__(
+        self,
+        data_dir: str,
+        seed: int = 0,
+        batch_size: int = 8,
+        seq_len: int = 512,
+        segment_len: int | None = None,
+        val_batches_n: int = 8,
+        num_workers: int = 0,
+    ) -> None:
         super().__init__(seed, batch_size, seq_len, segment_len, num_workers)
         self.data_dir = Path(data_dir)
         meta_file = self.data_dir / "meta.json"
         if not meta_file.is_file():
-            raise FileNotFoundError(f"TokenShards.data_dir: no meta.json in {self.data_dir} "
-                                    "(write shards with `nestlm prepare-data`)")
+            raise FileNotFoundError(
+                f"TokenShards.data_dir: no meta.json in {self.data_dir} (write shards with `nestlm prepare-data`)"
+            )
         self.meta = json.loads(meta_file.read_text())
         self.eos_id, self.vocab_size = int(self.meta["eos_id"]), int(self.meta["vocab_size"])
         self.dtype = np.dtype(self.meta["dtype"])
@@ -228,7 +253,7 @@ class TokenShards(_StreamDataModule):
         rows = []
         for j in rng.integers(len(starts), size=self.batch_size):
             shard, off = starts[j]
-            window = np.asarray(shards[shard][off: off + self.seq_len + 1], dtype=np.int64)
+            window = np.asarray(shards[shard][off : off + self.seq_len + 1], dtype=np.int64)
             rows.append(window_sample(window, self.seq_len, self.eos_id, self.eos_id))
         return _stack(rows)
 

@@ -30,8 +30,10 @@ def export(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, force: bool
     # a tied head is one tensor under two names; the checkpoint may hold either
     missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
-        raise ValueError(f"export: {ckpt_path} does not match its config: missing {sorted(missing)[:4]}, "
-                         f"unexpected {sorted(unexpected)[:4]}")
+        raise ValueError(
+            f"export: {ckpt_path} does not match its config: missing {sorted(missing)[:4]}, "
+            f"unexpected {sorted(unexpected)[:4]}"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

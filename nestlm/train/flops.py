@@ -74,8 +74,9 @@ def flops_per_token(model: torch.nn.Module, seq_len: int) -> dict[str, Any]:
     return {"total": total, "head": head, "blocks": blocks}
 
 
-def training_flops_per_batch(model: torch.nn.Module, batch_size: int, seq_len: int,
-                             activation_checkpointing: bool = False) -> float:
+def training_flops_per_batch(
+    model: torch.nn.Module, batch_size: int, seq_len: int, activation_checkpointing: bool = False
+) -> float:
     """FLOPs of one training step (forward + backward) on a [batch_size, seq_len] batch."""
     factor = 4.0 if activation_checkpointing else 3.0
     return factor * batch_size * seq_len * flops_per_token(model, seq_len)["total"]

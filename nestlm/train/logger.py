@@ -56,17 +56,31 @@ class WandbRun(WandbLogger):
         name: display name; None = the run directory's name.
     """
 
-    def __init__(self, save_dir: str | None = None, project: str = "nestlm", name: str | None = None,
-                 offline: bool | None = None, id: str | None = None, log_model: bool = False,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        save_dir: str | None = None,
+        project: str = "nestlm",
+        name: str | None = None,
+        offline: bool | None = None,
+        id: str | None = None,
+        log_model: bool = False,
+        **kwargs: Any,
+    ) -> None:
         save_dir = save_dir or os.path.join("runs", "default")
         if offline is None:
             offline = not has_wandb_credentials()
         if id is None:
             id = run_id(save_dir)
         Path(save_dir).mkdir(parents=True, exist_ok=True)
-        super().__init__(name=name or Path(save_dir).name, save_dir=save_dir, project=project, offline=offline,
-                         id=id, log_model=log_model, **kwargs)
+        super().__init__(
+            name=name or Path(save_dir).name,
+            save_dir=save_dir,
+            project=project,
+            offline=offline,
+            id=id,
+            log_model=log_model,
+            **kwargs,
+        )
 
     @property
     def run_path(self) -> str | None:

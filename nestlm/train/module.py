@@ -40,8 +40,9 @@ def read_config_file(path: str) -> dict[str, Any]:
     return d
 
 
-def build_config(preset: str | None, size: str, overrides: dict[str, Any] | None,
-                 config: dict[str, Any] | str | None) -> HybridConfig:
+def build_config(
+    preset: str | None, size: str, overrides: dict[str, Any] | None, config: dict[str, Any] | str | None
+) -> HybridConfig:
     """A full `config` (dict or file) wins, with `overrides` applied; otherwise `preset` at `size`."""
     if config is not None:
         d = read_config_file(config) if isinstance(config, str) else dict(config)
@@ -68,19 +69,25 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
         if p.requires_grad:
             (keep if no_decay(name, p, norm_params) else decay).append(p)
     # names show up in LearningRateMonitor's keys (lr-AdamW/decay, lr-AdamW/no_decay)
-    return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
-            {"params": keep, "weight_decay": 0.0, "name": "no_decay"}]
+    return [
+        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
+        {"params": keep, "weight_decay": 0.0, "name": "no_decay"},
+    ]
 
 
 def _state_to_dict(state: State) -> dict[str, Any]:
-    return {"tensors": {k: v.detach().cpu() for k, v in state.flat().items()},
-            "layout": [{p: sorted(b.get(p, {})) for p in ("mixer", "channel")} for b in state.blocks],
-            "meta": {k: v for k, v in state.meta.items() if isinstance(v, (str, int, float, type(None)))}}
+    return {
+        "tensors": {k: v.detach().cpu() for k, v in state.flat().items()},
+        "layout": [{p: sorted(b.get(p, {})) for p in ("mixer", "channel")} for b in state.blocks],
+        "meta": {k: v for k, v in state.meta.items() if isinstance(v, (str, int, float, type(None)))},
+    }
 
 
 def _state_from_dict(d: dict[str, Any], device: torch.device) -> State:
-    blocks = [{p: {n: d["tensors"][f"blocks.{i}.{p}.{n}"].to(device) for n in names} for p, names in parts.items()}
-              for i, parts in enumerate(d["layout"])]
+    blocks = [
+        {p: {n: d["tensors"][f"blocks.{i}.{p}.{n}"].to(device) for n in names} for p, names in parts.items()}
+        for i, parts in enumerate(d["layout"])
+    ]
     return State(blocks, dict(d["meta"]))
 
 
@@ -99,12 +106,22 @@ class NestLM(L.LightningModule):
         activation_checkpointing: recompute each block's activations in the backward pass.
     """
 
-    def __init__(self, preset: str | None = "hope-hybrid", size: str = "tiny",
-                 overrides: dict[str, Any] | None = None, config: dict[str, Any] | str | None = None,
-                 lr: float = 3e-3, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
-                 weight_decay: float = 0.1, warmup_steps: int = 50, decay_steps: int | None = None,
-                 min_lr_ratio: float = 0.1, compile_blocks: bool = False,
-                 activation_checkpointing: bool = False) -> None:
+    def __init__(
+        self,
+        preset: str | None = "hope-hybrid",
+        size: str = "tiny",
+        overrides: dict[str, Any] | None = None,
+        config: dict[str, Any] | str | None = None,
+        lr: float = 3e-3,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 0.1,
+        warmup_steps: int = 50,
+        decay_steps: int | None = None,
+        min_lr_ratio: float = 0.1,
+        compile_blocks: bool = False,
+        activation_checkpointing: bool = False,
+    ) -> None:
         super().__init__()
         if warmup_steps < 0:
             raise ValueError(f"NestLM.warmup_steps={warmup_steps!r} is invalid: expected an int >= 0")
@@ -151,13 +168,17 @@ class NestLM(L.LightningModule):
 
         def pick(name: str, carried: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
             if carried.shape != new.shape:  # e.g. a full-attention KV cache, whose length the rows share
-                raise ValueError(f"NestLM: cannot reset some rows of state tensor {name} of shape "
-                                 f"{tuple(carried.shape)} (a fresh one has {tuple(new.shape)}); reset whole batches")
+                raise ValueError(
+                    f"NestLM: cannot reset some rows of state tensor {name} of shape "
+                    f"{tuple(carried.shape)} (a fresh one has {tuple(new.shape)}); reset whole batches"
+                )
             m = keep.view(-1, *([1] * (carried.dim() - 1))).to(carried.device)
             return torch.where(m, carried, new.to(device=carried.device, dtype=carried.dtype))
 
-        blocks = [{p: {n: pick(f"blocks.{i}.{p}.{n}", c[p][n], f[p][n]) for n in c[p]} for p in c}
-                  for i, (c, f) in enumerate(zip(self._carry.blocks, fresh.blocks))]
+        blocks = [
+            {p: {n: pick(f"blocks.{i}.{p}.{n}", c[p][n], f[p][n]) for n in c[p]} for p in c}
+            for i, (c, f) in enumerate(zip(self._carry.blocks, fresh.blocks))
+        ]
         return State(blocks, dict(self._carry.meta))
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

@@ -41,8 +41,9 @@ class HFTokenizer:
         try:
             from tokenizers import Tokenizer
         except ImportError:
-            raise ValueError("prepare-data --tokenizer: a tokenizer.json needs the `tokenizers` package "
-                             "(pip install tokenizers)") from None
+            raise ValueError(
+                "prepare-data --tokenizer: a tokenizer.json needs the `tokenizers` package (pip install tokenizers)"
+            ) from None
         if not path.is_file():
             raise FileNotFoundError(f"prepare-data --tokenizer: no tokenizer file at {path}")
         self.tok = Tokenizer.from_file(str(path))
@@ -96,7 +97,7 @@ class ShardWriter:
         self.n_tokens += len(ids)
         while len(self.buf) >= self.shard_tokens:
             self._flush(self.buf[: self.shard_tokens])
-            self.buf = self.buf[self.shard_tokens:]
+            self.buf = self.buf[self.shard_tokens :]
 
     def _flush(self, ids: list[int]) -> None:
         np.asarray(ids, dtype=self.dtype).tofile(self.out / f"{self.prefix}_{self.n_shards:03d}.bin")
@@ -108,9 +109,16 @@ class ShardWriter:
         self.buf = []
 
 
-def prepare(inputs: list[str], out: str, tokenizer: str = "byte", split_docs: str = "file",
-            val_fraction: float = 0.01, shard_tokens: int = 100_000_000, seed: int = 0,
-            force: bool = False) -> dict:
+def prepare(
+    inputs: list[str],
+    out: str,
+    tokenizer: str = "byte",
+    split_docs: str = "file",
+    val_fraction: float = 0.01,
+    shard_tokens: int = 100_000_000,
+    seed: int = 0,
+    force: bool = False,
+) -> dict:
     """Write shards + meta.json to `out`; returns the meta dict."""
     if split_docs not in ("file", "line", "blank"):
         raise ValueError(f"prepare-data --split-docs={split_docs!r} is invalid: expected file, line or blank")
@@ -137,14 +145,25 @@ def prepare(inputs: list[str], out: str, tokenizer: str = "byte", split_docs: st
             n_docs[split] += 1
         if n_docs["val"] == 0 and n_docs["train"] > 1 and val_fraction > 0:
             # a validation split was asked for; an empty one would only fail later, at fit time
-            raise ValueError(f"prepare-data: no document fell into the validation split; raise --val-fraction "
-                             f"(got {val_fraction} for {n_docs['train']} documents)")
+            raise ValueError(
+                f"prepare-data: no document fell into the validation split; raise --val-fraction "
+                f"(got {val_fraction} for {n_docs['train']} documents)"
+            )
         for w in writers.values():
             w.close()
-        meta = {"tokenizer": tok.name, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "dtype": dtype.name,
-                "split_docs": split_docs, "seed": seed,
-                "train_tokens": writers["train"].n_tokens, "val_tokens": writers["val"].n_tokens,
-                "train_docs": n_docs["train"], "val_docs": n_docs["val"], "sources": [str(f) for f in files]}
+        meta = {
+            "tokenizer": tok.name,
+            "vocab_size": tok.vocab_size,
+            "eos_id": tok.eos_id,
+            "dtype": dtype.name,
+            "split_docs": split_docs,
+            "seed": seed,
+            "train_tokens": writers["train"].n_tokens,
+            "val_tokens": writers["val"].n_tokens,
+            "train_docs": n_docs["train"],
+            "val_docs": n_docs["val"],
+            "sources": [str(f) for f in files],
+        }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -160,8 +179,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("inputs", nargs="+", help="text files or folders of text files")
     p.add_argument("--out", required=True, help="output folder (shards + meta.json)")
     p.add_argument("--tokenizer", default="byte", help="'byte' (default) or a local tokenizer.json")
-    p.add_argument("--split-docs", default="file", choices=("file", "line", "blank"),
-                   help="document boundaries: one per file (default), per line, or per blank-line paragraph")
+    p.add_argument(
+        "--split-docs",
+        default="file",
+        choices=("file", "line", "blank"),
+        help="document boundaries: one per file (default), per line, or per blank-line paragraph",
+    )
     p.add_argument("--val-fraction", type=float, default=0.01)
     p.add_argument("--shard-tokens", type=int, default=100_000_000)
     p.add_argument("--seed", type=int, default=0)
@@ -171,5 +194,7 @@ def main(argv: list[str] | None = None) -> None:
         meta = prepare(a.inputs, a.out, a.tokenizer, a.split_docs, a.val_fraction, a.shard_tokens, a.seed, a.force)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         raise SystemExit(f"nestlm prepare-data: {e}") from None
-    print(f"wrote {meta['train_tokens']} train / {meta['val_tokens']} val tokens "
-          f"({meta['train_docs']} / {meta['val_docs']} documents) to {a.out}")
+    print(
+        f"wrote {meta['train_tokens']} train / {meta['val_tokens']} val tokens "
+        f"({meta['train_docs']} / {meta['val_docs']} documents) to {a.out}"
+    )

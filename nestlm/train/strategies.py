@@ -19,10 +19,18 @@ class BlockFSDP(FSDPStrategy):
         state_dict_type: "sharded" (one file per rank, fast; `nestlm export` consolidates it) or "full".
     """
 
-    def __init__(self, activation_checkpointing: bool = False,
-                 sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD"] = "FULL_SHARD",
-                 state_dict_type: Literal["full", "sharded"] = "sharded", **kwargs: Any) -> None:
-        super().__init__(auto_wrap_policy={Block},
-                         activation_checkpointing_policy={Block} if activation_checkpointing else None,
-                         sharding_strategy=sharding_strategy, state_dict_type=state_dict_type,
-                         use_orig_params=True, **kwargs)
+    def __init__(
+        self,
+        activation_checkpointing: bool = False,
+        sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD"] = "FULL_SHARD",
+        state_dict_type: Literal["full", "sharded"] = "sharded",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            auto_wrap_policy={Block},
+            activation_checkpointing_policy={Block} if activation_checkpointing else None,
+            sharding_strategy=sharding_strategy,
+            state_dict_type=state_dict_type,
+            use_orig_params=True,
+            **kwargs,
+        )

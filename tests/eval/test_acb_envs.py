@@ -8,9 +8,19 @@ from acb_checkers import CHECKERS
 from nestlm.eval.envs import ENVS, GENERATOR_VERSION, config_hash, final_window, generate_episode, name_pool
 from nestlm.eval.tokenizer import get_tokenizer
 
-CASES = [(env, n, seed, split) for env in ENVS for (n, seed, split) in
-         [(1, 0, "train"), (20, 1, "train"), (63, 2, "train"), (200, 3, "train"), (20, 4, "test"),
-          (257, 5, "test"), (2000, 6, "test")]]
+CASES = [
+    (env, n, seed, split)
+    for env in ENVS
+    for (n, seed, split) in [
+        (1, 0, "train"),
+        (20, 1, "train"),
+        (63, 2, "train"),
+        (200, 3, "train"),
+        (20, 4, "test"),
+        (257, 5, "test"),
+        (2000, 6, "test"),
+    ]
+]
 
 
 def test_tokenizer_vocab_and_roundtrip():
@@ -59,7 +69,7 @@ def test_episode_format_and_spans(env, n, seed, split):
     for p in ep.probes:
         s, a, e = ep.step_spans[p.step]
         assert a <= p.span[0] < p.span[1] == e - 1
-        assert ep.tokens[p.span[0]:p.span[1]] == p.answer_tokens and tok.decode(p.answer_tokens) == p.answer
+        assert ep.tokens[p.span[0] : p.span[1]] == p.answer_tokens and tok.decode(p.answer_tokens) == p.answer
         assert 1 <= p.lag <= p.step and 0 < p.chance < 1
     # the scored window (last 10%) always holds a probe, and the last step is one
     assert any(p.step > n - final_window(n) for p in ep.probes)

@@ -39,7 +39,7 @@ def test_registered_and_exact(export):
     lm = get_model("nestlm").create_from_arg_string(f"pretrained={path},chunk_size=5")
     tok = get_tokenizer()
     ctx, cont = "[O] dep keva 35 [A]", " 82 [E]"
-    (ll, greedy), = lm.loglikelihood([_req(ctx, cont)])
+    ((ll, greedy),) = lm.loglikelihood([_req(ctx, cont)])
     ids = tok.encode(ctx + cont)
     n = len(tok.encode(cont))
     logits = model(torch.tensor(ids[:-1])[None]).logits[0]
@@ -58,7 +58,7 @@ def test_registered_and_exact(export):
     new, _ = model.generate(prompt, 6)
     new_ids = new[0].tolist()
     if tok.eos_id in new_ids:
-        new_ids = new_ids[:new_ids.index(tok.eos_id)]
+        new_ids = new_ids[: new_ids.index(tok.eos_id)]
     assert text == tok.decode(new_ids).split("[E]")[0]
 
 
@@ -66,8 +66,10 @@ def test_local_json_task(export, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     path, _ = export
-    docs = [{"question": f"[Q] where keva [A] {i}", "choices": ["ok", "no"], "answer": i % 2,
-             "target": "ok"} for i in range(4)]
+    docs = [
+        {"question": f"[Q] where keva [A] {i}", "choices": ["ok", "no"], "answer": i % 2, "target": "ok"}
+        for i in range(4)
+    ]
     data = tmp_path / "docs.jsonl"
     data.write_text("".join(json.dumps(d) + "\n" for d in docs))
     (tmp_path / "mc.yaml").write_text(f"""task: acb_local_mc
@@ -102,8 +104,13 @@ metric_list:
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    res = simple_evaluate(model="nestlm", model_args=f"pretrained={path}", tasks=["acb_local_mc", "acb_local_gen"],
-                          task_manager=TaskManager(include_path=str(tmp_path)), batch_size=1)
+    res = simple_evaluate(
+        model="nestlm",
+        model_args=f"pretrained={path}",
+        tasks=["acb_local_mc", "acb_local_gen"],
+        task_manager=TaskManager(include_path=str(tmp_path)),
+        batch_size=1,
+    )
     mc = res["results"]["acb_local_mc"]
     assert 0.0 <= mc["acc,none"] <= 1.0
     assert "exact_match,none" in res["results"]["acb_local_gen"]

@@ -76,13 +76,19 @@ def test_constant_answer_scores_chance(env):
         ep = generate_episode(env, 2000, seed, "test")
         first_room = ep.steps[0].split()[3] if env == "courier" else None
         first_item = ep.steps[0].split()[2] if env == "shell" else None
-        constant = {"update": "42", "query": "42", "recall": "0000", "where": first_room or "1",
-                    "peek": first_item, "action": "n"}
+        constant = {
+            "update": "42",
+            "query": "42",
+            "recall": "0000",
+            "where": first_room or "1",
+            "peek": first_item,
+            "action": "n",
+        }
         preds = np.asarray(ep.tokens[1:] + [0])  # the true continuation...
         for p in ep.probes:  # ...except at answers, where the constant answer is given
             guess = tok.encode(constant[p.kind])
             a, b = p.span
-            preds[a - 1:b - 1] = guess if len(guess) == b - a else tok.pad_id
+            preds[a - 1 : b - 1] = guess if len(guess) == b - a else tok.pad_id
         c, _ = score_predictions(ep, preds)
         correct += c
         chance += [p.chance for p in ep.probes if p.step > ep.n_steps - final_window(ep.n_steps)]
@@ -166,7 +172,7 @@ def test_streaming_state_is_bounded_and_windowed_full_attention():
         state = None
         ids = torch.tensor(ep.tokens)[None]
         for s in range(0, ids.shape[1], 128):
-            state = swa(ids[:, s:s + 128], state=state).state
+            state = swa(ids[:, s : s + 128], state=state).state
         sizes.append(sum(t.numel() for t in state.flat().values()))
     assert sizes[0] == sizes[1]  # the state does not grow with the episode
     # a full-attention layer gets a sliding window for long episodes: bounded, and chunking-invariant
@@ -182,12 +188,10 @@ def test_streaming_state_is_bounded_and_windowed_full_attention():
 
 
 def test_window_policy_in_report():
-    report = run_benchmark(tiny_model("mixed"), ["ledger"], [5, 60], {5: 1, 60: 1}, attn_window=256,
-                           progress=False)
+    report = run_benchmark(tiny_model("mixed"), ["ledger"], [5, 60], {5: 1, 60: 1}, attn_window=256, progress=False)
     assert report["attention"]["full_attention_layers"] == 1
     assert report["envs"]["ledger"]["horizons"]["60"]["attention_window"] == [256]
-    auto = run_benchmark(tiny_model("mixed"), ["ledger"], [5, 60], {5: 1, 60: 1}, trained_context=128,
-                         progress=False)
+    auto = run_benchmark(tiny_model("mixed"), ["ledger"], [5, 60], {5: 1, 60: 1}, trained_context=128, progress=False)
     assert auto["envs"]["ledger"]["horizons"]["5"]["attention_window"] is None
     assert auto["envs"]["ledger"]["horizons"]["60"]["attention_window"] == [128]
 
@@ -197,8 +201,26 @@ def test_cli_writes_report_and_plot(tmp_path, capsys):
     export = tmp_path / "export"
     tiny_model().save_pretrained(export)
     out, png = tmp_path / "r.json", tmp_path / "r.png"
-    eval_main(["--ckpt", str(export), "--envs", "ledger,shell", "--horizons", "5,20", "--episodes", "2",
-               "--seed", "3", "--out", str(out), "--plot", str(png), "--closed-loop", "--no-progress"])
+    eval_main(
+        [
+            "--ckpt",
+            str(export),
+            "--envs",
+            "ledger,shell",
+            "--horizons",
+            "5,20",
+            "--episodes",
+            "2",
+            "--seed",
+            "3",
+            "--out",
+            str(out),
+            "--plot",
+            str(png),
+            "--closed-loop",
+            "--no-progress",
+        ]
+    )
     report = json.loads(out.read_text())
     assert set(REPORT_KEYS) <= set(report) and set(report["envs"]) == {"ledger", "shell"}
     assert report["envs"]["shell"]["closed_loop"]["episodes"] == 2
@@ -213,15 +235,29 @@ def test_cli_writes_report_and_plot(tmp_path, capsys):
     with pytest.raises(SystemExit, match="--horizons"):
         eval_main(["--ckpt", str(export), "--horizons", "20,x", "--out", str(tmp_path / "x.json")])
     with pytest.raises(SystemExit, match="--envs"):
-        eval_main(["--ckpt", str(export), "--envs", "maze", "--horizons", "5", "--out", str(tmp_path / "x.json"),
-                   "--no-progress"])
+        eval_main(
+            [
+                "--ckpt",
+                str(export),
+                "--envs",
+                "maze",
+                "--horizons",
+                "5",
+                "--out",
+                str(tmp_path / "x.json"),
+                "--no-progress",
+            ]
+        )
 
 
 def test_load_lightning_style_checkpoint(tmp_path):
     model = tiny_model()
-    ckpt = {"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-            "nestlm_config": model.config.to_dict(), "hyper_parameters": {"preset": "swa-transformer"},
-            "datamodule_hyper_parameters": {"seq_len": 384}}
+    ckpt = {
+        "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+        "nestlm_config": model.config.to_dict(),
+        "hyper_parameters": {"preset": "swa-transformer"},
+        "datamodule_hyper_parameters": {"seq_len": 384},
+    }
     torch.save(ckpt, tmp_path / "last.ckpt")
     (tmp_path / "wandb_run_id").write_text("abc123\n")
     loaded, info = load_model(tmp_path / "last.ckpt")
@@ -266,8 +302,22 @@ def test_wandb_eval_run_joins_the_training_group(tmp_path, monkeypatch):
     run = tmp_path / "run"
     tiny_model().save_pretrained(run / "export")
     (run / "wandb_run_id").write_text("trainrun42\n")
-    eval_main(["--ckpt", str(run / "export"), "--envs", "shell", "--horizons", "5", "--episodes", "1",
-               "--out", str(tmp_path / "r.json"), "--wandb", "--no-progress"])
+    eval_main(
+        [
+            "--ckpt",
+            str(run / "export"),
+            "--envs",
+            "shell",
+            "--horizons",
+            "5",
+            "--episodes",
+            "1",
+            "--out",
+            str(tmp_path / "r.json"),
+            "--wandb",
+            "--no-progress",
+        ]
+    )
     init = calls["init"]
     assert init["group"] == "trainrun42" and init["job_type"] == "eval" and init["mode"] == "offline"
     assert "acb/shell/acc@5" in calls["log"] and calls["finished"]

@@ -20,8 +20,18 @@ from nestlm.eval.envs.base import MAX_TRAIN_STEPS, SPLITS, Episode, Probe, final
 GENERATOR_VERSION = "acb-1.0"
 ENVS = {"ledger": ledger, "shell": shell, "courier": courier}
 
-__all__ = ["ENVS", "GENERATOR_VERSION", "MAX_TRAIN_STEPS", "SPLITS", "Episode", "Probe", "config_hash",
-           "final_window", "generate_episode", "name_pool"]
+__all__ = [
+    "ENVS",
+    "GENERATOR_VERSION",
+    "MAX_TRAIN_STEPS",
+    "SPLITS",
+    "Episode",
+    "Probe",
+    "config_hash",
+    "final_window",
+    "generate_episode",
+    "name_pool",
+]
 
 
 def generate_episode(env: str, n_steps: int, seed: int, split: str = "train") -> Episode:
@@ -36,6 +46,7 @@ def config_hash(envs: list[str] | tuple[str, ...] = tuple(ENVS)) -> str:
     for e in envs:
         if e not in ENVS:
             raise ValueError(f"env={e!r} is invalid: expected one of {tuple(ENVS)}")
-    blob = json.dumps({"version": GENERATOR_VERSION, "params": {e: ENVS[e].PARAMS for e in sorted(envs)}},
-                      sort_keys=True)
+    blob = json.dumps(
+        {"version": GENERATOR_VERSION, "params": {e: ENVS[e].PARAMS for e in sorted(envs)}}, sort_keys=True
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -96,8 +96,10 @@ def check_args(env: str, n_steps: int, seed: int, split: str) -> None:
     if not isinstance(n_steps, int) or isinstance(n_steps, bool) or n_steps < 1:
         raise ValueError(f"n_steps={n_steps!r} is invalid: expected an int >= 1")
     if split != "test" and n_steps > MAX_TRAIN_STEPS:
-        raise ValueError(f"n_steps={n_steps} is invalid for split={split!r}: expected <= {MAX_TRAIN_STEPS} "
-                         "(longer episodes are test-only)")
+        raise ValueError(
+            f"n_steps={n_steps} is invalid for split={split!r}: expected <= {MAX_TRAIN_STEPS} "
+            "(longer episodes are test-only)"
+        )
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"seed={seed!r} is invalid: expected an int")
 
@@ -168,12 +170,29 @@ class Writer:
         for p in probes:
             last = p.get("last")
             s = a_start if last is None else a_end - last
-            self.probes.append(Probe(step=step, kind=p["kind"], span=(s, a_end),
-                                     answer=self.tok.decode(self.tokens[s:a_end]),
-                                     answer_tokens=list(self.tokens[s:a_end]), lag=int(p["lag"]),
-                                     chance=float(p["chance"]), extra=dict(p.get("extra", {}))))
+            self.probes.append(
+                Probe(
+                    step=step,
+                    kind=p["kind"],
+                    span=(s, a_end),
+                    answer=self.tok.decode(self.tokens[s:a_end]),
+                    answer_tokens=list(self.tokens[s:a_end]),
+                    lag=int(p["lag"]),
+                    chance=float(p["chance"]),
+                    extra=dict(p.get("extra", {})),
+                )
+            )
 
     def episode(self, env: str, split: str, seed: int, n_steps: int, params: dict[str, Any]) -> Episode:
         assert len(self.lines) == n_steps + 1, (len(self.lines), n_steps)
-        return Episode(env=env, split=split, seed=seed, n_steps=n_steps, params=params, steps=self.lines,
-                       tokens=self.tokens, step_spans=self.spans, probes=self.probes)
+        return Episode(
+            env=env,
+            split=split,
+            seed=seed,
+            n_steps=n_steps,
+            params=params,
+            steps=self.lines,
+            tokens=self.tokens,
+            step_spans=self.spans,
+            probes=self.probes,
+        )

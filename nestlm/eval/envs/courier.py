@@ -42,10 +42,22 @@ DIRS = {"n": (0, -1), "s": (0, 1), "e": (1, 0), "w": (-1, 0)}
 OPPOSITE = {"n": "s", "s": "n", "e": "w", "w": "e"}
 
 PARAMS: dict[str, dict[str, Any]] = {
-    "train": dict(n_rooms=[4, 5, 6, 8], n_items=[2, 3], order_gap=[1, 8], p_news=0.08, p_probe=0.12,
-                  templates=dict(where=["where is {x}", "where {x}"], order=["order {x} to {r}"])),
-    "test": dict(n_rooms=[7], n_items=[4], order_gap=[8, 24], p_news=0.01, p_probe=0.01,
-                 templates=dict(where=["{x} at ?"], order=["order to {r} {x}"])),
+    "train": dict(
+        n_rooms=[4, 5, 6, 8],
+        n_items=[2, 3],
+        order_gap=[1, 8],
+        p_news=0.08,
+        p_probe=0.12,
+        templates=dict(where=["where is {x}", "where {x}"], order=["order {x} to {r}"]),
+    ),
+    "test": dict(
+        n_rooms=[7],
+        n_items=[4],
+        order_gap=[8, 24],
+        p_news=0.01,
+        p_probe=0.01,
+        templates=dict(where=["{x} at ?"], order=["order to {r} {x}"]),
+    ),
 }
 P_PROBE_FINAL = 0.4
 
@@ -118,12 +130,20 @@ def generate(n_steps: int, seed: int, split: str = "train"):
     for step in range(1, n_steps + 1):
         in_final = step > n_steps - window
         free = [x for x in items if x != held]
-        if free and (in_final and (step == n_steps or rng.random() < P_PROBE_FINAL)
-                     or not in_final and rng.random() < P["p_probe"]):
+        if free and (
+            in_final
+            and (step == n_steps or rng.random() < P_PROBE_FINAL)
+            or not in_final
+            and rng.random() < P["p_probe"]
+        ):
             lags = [step - loc_seen[y] for y in free]
             x = pick_by_lag(rng, free, lags, step) if in_final else rng.choice(free)
-            w.add("[Q]", rng.choice(T["where"]).format(x=x), loc[x],
-                  [dict(kind="where", lag=step - loc_seen[x], chance=1 / n_rooms)])
+            w.add(
+                "[Q]",
+                rng.choice(T["where"]).format(x=x),
+                loc[x],
+                [dict(kind="where", lag=step - loc_seen[x], chance=1 / n_rooms)],
+            )
             loc_seen[x] = step
             continue
         if free and rng.random() < P["p_news"]:
@@ -159,8 +179,7 @@ def generate(n_steps: int, seed: int, split: str = "train"):
         path = route(adj, here, target)
         oldest = min([target_seen] + [door_seen[e] for e in path])
         d = path[0][1]
-        w.add("[O]", f"at {here}", f"go {d}",
-              [dict(kind="action", lag=step - oldest, chance=0.25, last=1)])
+        w.add("[O]", f"at {here}", f"go {d}", [dict(kind="action", lag=step - oldest, chance=0.25, last=1)])
         nxt = adj[here][d]
         door_seen[(here, d)] = door_seen[(nxt, OPPOSITE[d])] = step
         here = nxt

@@ -31,15 +31,34 @@ from nestlm.eval.envs.base import (
 
 # one entry per split: the test split holds out parameter values and one template per message
 PARAMS: dict[str, dict[str, Any]] = {
-    "train": dict(n_accounts=[3, 4, 6, 8], n_codes=[2, 3, 4, 8], n_frozen=[0, 1], modulus=100,
-                  p_distract=[0.15, 0.35], p_query=0.12, p_recall=0.06, p_overwrite=0.04,
-                  templates=dict(dep=["dep {a} {x}", "{a} dep {x}"], wd=["wd {a} {x}", "{a} wd {x}"],
-                                 query=["bal {a}", "{a} bal ?"], recall=["code {k}", "code of {k}"])),
+    "train": dict(
+        n_accounts=[3, 4, 6, 8],
+        n_codes=[2, 3, 4, 8],
+        n_frozen=[0, 1],
+        modulus=100,
+        p_distract=[0.15, 0.35],
+        p_query=0.12,
+        p_recall=0.06,
+        p_overwrite=0.04,
+        templates=dict(
+            dep=["dep {a} {x}", "{a} dep {x}"],
+            wd=["wd {a} {x}", "{a} wd {x}"],
+            query=["bal {a}", "{a} bal ?"],
+            recall=["code {k}", "code of {k}"],
+        ),
+    ),
     # sparser probes and overwrites outside the scored window, so distant facts stay distant
-    "test": dict(n_accounts=[5], n_codes=[6], n_frozen=[1], modulus=100,
-                 p_distract=[0.45, 0.45], p_query=0.03, p_recall=0.003, p_overwrite=0.002,
-                 templates=dict(dep=["dep {x} to {a}"], wd=["wd {x} of {a}"], query=["bal of {a}"],
-                                recall=["{k} code ?"])),
+    "test": dict(
+        n_accounts=[5],
+        n_codes=[6],
+        n_frozen=[1],
+        modulus=100,
+        p_distract=[0.45, 0.45],
+        p_query=0.03,
+        p_recall=0.003,
+        p_overwrite=0.002,
+        templates=dict(dep=["dep {x} to {a}"], wd=["wd {x} of {a}"], query=["bal of {a}"], recall=["{k} code ?"]),
+    ),
 }
 P_PROBE_FINAL = 0.4  # probe rate in the scored final window
 
@@ -53,7 +72,7 @@ def generate(n_steps: int, seed: int, split: str = "train"):
     n_acc = rng.choice(P["n_accounts"])
     n_codes = rng.choice(P["n_codes"])
     names = rng.sample(name_pool(split), n_acc + n_codes + 8)
-    accounts, codes_k, news_names = names[:n_acc], names[n_acc:n_acc + n_codes], names[n_acc + n_codes:]
+    accounts, codes_k, news_names = names[:n_acc], names[n_acc : n_acc + n_codes], names[n_acc + n_codes :]
     frozen = set(rng.sample(accounts, rng.choice(P["n_frozen"])))
     p_distract = rng.uniform(*P["p_distract"])
     bal = {a: rng.randrange(M) for a in accounts}
@@ -68,8 +87,9 @@ def generate(n_steps: int, seed: int, split: str = "train"):
     last_set = min(20, n_steps - window)
     set_steps = sorted(rng.sample(range(1, last_set + 1), min(n_codes, max(0, last_set))))
     to_set = list(codes_k)
-    params = dict(n_accounts=n_acc, n_codes=len(set_steps), frozen=sorted(frozen), modulus=M,
-                  p_distract=round(p_distract, 4))
+    params = dict(
+        n_accounts=n_acc, n_codes=len(set_steps), frozen=sorted(frozen), modulus=M, p_distract=round(p_distract, 4)
+    )
 
     for step in range(1, n_steps + 1):
         in_final = step > n_steps - window
@@ -79,7 +99,7 @@ def generate(n_steps: int, seed: int, split: str = "train"):
             seen[("code", k)] = step
             w.add("[O]", f"code {k} {codes[k]}", "ok")
             continue
-        probe = (in_final and (step == n_steps or rng.random() < P_PROBE_FINAL))
+        probe = in_final and (step == n_steps or rng.random() < P_PROBE_FINAL)
         r = rng.random()
         if probe or (not in_final and r < P["p_query"] + P["p_recall"]):
             recall = bool(codes) and (rng.random() < 0.5 if in_final else r < P["p_recall"])
@@ -89,15 +109,15 @@ def generate(n_steps: int, seed: int, split: str = "train"):
                 k = pick_by_lag(rng, keys, lags, step) if in_final else rng.choice(keys)
                 lag = step - seen[("code", k)]
                 seen[("code", k)] = step
-                w.add("[Q]", rng.choice(T["recall"]).format(k=k), codes[k],
-                      [dict(kind="recall", lag=lag, chance=1e-4)])
+                w.add("[Q]", rng.choice(T["recall"]).format(k=k), codes[k], [dict(kind="recall", lag=lag, chance=1e-4)])
             else:
                 lags = [step - seen[("bal", a)] for a in accounts]
                 a = pick_by_lag(rng, accounts, lags, step) if in_final else rng.choice(accounts)
                 lag = step - seen[("bal", a)]
                 seen[("bal", a)] = step
-                w.add("[Q]", rng.choice(T["query"]).format(a=a), str(bal[a]),
-                      [dict(kind="query", lag=lag, chance=1 / M)])
+                w.add(
+                    "[Q]", rng.choice(T["query"]).format(a=a), str(bal[a]), [dict(kind="query", lag=lag, chance=1 / M)]
+                )
             continue
         r = rng.random()
         if codes and step > 20 and r < P["p_overwrite"]:
@@ -115,6 +135,10 @@ def generate(n_steps: int, seed: int, split: str = "train"):
             if a not in frozen:
                 bal[a] = (bal[a] + x) % M if op == "dep" else (bal[a] - x) % M
             seen[("bal", a)] = step
-            w.add("[O]", rng.choice(T[op]).format(a=a, x=x), str(bal[a]),
-                  [dict(kind="update", lag=lag, chance=1 / M, extra=dict(frozen=a in frozen))])
+            w.add(
+                "[O]",
+                rng.choice(T[op]).format(a=a, x=x),
+                str(bal[a]),
+                [dict(kind="update", lag=lag, chance=1 / M, extra=dict(frozen=a in frozen))],
+            )
     return w.episode("ledger", split, seed, n_steps, params)

@@ -31,10 +31,20 @@ from nestlm.eval.envs.base import (
 )
 
 PARAMS: dict[str, dict[str, Any]] = {
-    "train": dict(n_cups=[3, 4, 6], p_idle=[0.2, 0.5], reveal_gap=[5, 30], p_probe=0.15,
-                  templates=dict(where=["where {x}", "{x} at ?"], peek=["peek {c}", "cup {c} ?"])),
-    "test": dict(n_cups=[5], p_idle=[0.6, 0.6], reveal_gap=[50, 150], p_probe=0.15,
-                 templates=dict(where=["where is {x}"], peek=["peek cup {c}"])),
+    "train": dict(
+        n_cups=[3, 4, 6],
+        p_idle=[0.2, 0.5],
+        reveal_gap=[5, 30],
+        p_probe=0.15,
+        templates=dict(where=["where {x}", "{x} at ?"], peek=["peek {c}", "cup {c} ?"]),
+    ),
+    "test": dict(
+        n_cups=[5],
+        p_idle=[0.6, 0.6],
+        reveal_gap=[50, 150],
+        p_probe=0.15,
+        templates=dict(where=["where is {x}"], peek=["peek cup {c}"]),
+    ),
 }
 P_PROBE_FINAL = 0.25
 
@@ -73,14 +83,16 @@ def generate(n_steps: int, seed: int, split: str = "train"):
 
     for step in range(1, n_steps + 1):
         in_final = step > n_steps - window
-        if in_final and (step == n_steps or rng.random() < P_PROBE_FINAL) or \
-                (not in_final and rng.random() < P["p_probe"]):
+        if (
+            in_final
+            and (step == n_steps or rng.random() < P_PROBE_FINAL)
+            or (not in_final and rng.random() < P["p_probe"])
+        ):
             x = pick_by_lag(rng, cups, [step - seen[y] for y in cups], step) if in_final else rng.choice(cups)
             c = cups.index(x) + 1
             probe = dict(lag=step - seen[x], chance=1 / n, extra=dict(moves=moves_since[x]))
             if rng.random() < 0.5:
-                w.add("[Q]", rng.choice(P["templates"]["where"]).format(x=x), str(c),
-                      [dict(kind="where", **probe)])
+                w.add("[Q]", rng.choice(P["templates"]["where"]).format(x=x), str(c), [dict(kind="where", **probe)])
             else:
                 w.add("[Q]", rng.choice(P["templates"]["peek"]).format(c=c), x, [dict(kind="peek", **probe)])
             seen[x], moves_since[x] = step, 0
