@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))  # run as a script from a checkout
 def worker(args: argparse.Namespace) -> None:
     import torch
 
-    from nestlm.eval.envs import generate_episode
+    from nestlm.envs import generate_episode
     from nestlm.eval.report import peak_rss_mb
     from nestlm.eval.scoring import score_episode
 

@@ -97,7 +97,7 @@ def test_export_of_an_fsdp_sharded_checkpoint_directory(tmp_path):
 
 
 def test_synthetic_trajectories_are_seeded_episodes():
-    envs = pytest.importorskip("nestlm.eval.envs")
+    envs = pytest.importorskip("nestlm.envs")
     from nestlm.train.data import IGNORE, SyntheticTrajectories
 
     dm = SyntheticTrajectories(batch_size=3, seq_len=64, min_steps=20, max_steps=40, seed=3)

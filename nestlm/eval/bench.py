@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 import nestlm
-from nestlm.eval import envs as env_lib
+from nestlm import envs as env_lib
 from nestlm.eval.loading import DEFAULT_CONTEXT, attention_window, full_attention_layers
 from nestlm.eval.report import coherence_horizon, finite_or_none, horizon_summary, peak_rss_mb
 from nestlm.eval.scoring import closed_loop, score_episode

@@ -3,7 +3,7 @@
     lm_eval --model nestlm --model_args pretrained=PATH[,tokenizer=acb|byte|FILE.json] --tasks ...
 
 PATH is an export folder or a Lightning .ckpt. The tokenizer must be the one the model was trained
-with: `acb` (default; the agent-DSL tokenizer of nestlm.eval.tokenizer), `byte` (UTF-8 bytes, end of
+with: `acb` (default; the agent-DSL tokenizer of nestlm.envs.tokenizer), `byte` (UTF-8 bytes, end of
 document 256, as `nestlm prepare-data` writes), or a local tokenizer.json. Sequences are streamed in
 chunks with the recurrent state carried, so long documents need no rolling windows.
 """
@@ -18,7 +18,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
 from nestlm.eval.loading import attention_window, load_model
-from nestlm.eval.tokenizer import get_tokenizer
+from nestlm.envs.tokenizer import get_tokenizer
 
 
 class _AcbTok:

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from nestlm.eval.envs import Episode, final_window
-from nestlm.eval.tokenizer import get_tokenizer
+from nestlm.envs import Episode, final_window
+from nestlm.envs.tokenizer import get_tokenizer
 
 
 @dataclass

@@ -131,7 +131,7 @@ def _stack(rows: Sequence[tuple[np.ndarray, np.ndarray]]) -> dict[str, torch.Ten
 
 
 class SyntheticTrajectories(_StreamDataModule):
-    """Seeded, infinite agent trajectories from nestlm.eval.envs, the environments mixed.
+    """Seeded, infinite agent trajectories from nestlm.envs, the environments mixed.
 
     Each row is one episode of `min_steps..max_steps` agent steps (env, length and episode seed
     drawn from the batch's generator), cut or padded to `seq_len` tokens. Validation: a fixed set of
@@ -153,8 +153,8 @@ class SyntheticTrajectories(_StreamDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__(seed, batch_size, seq_len, segment_len, num_workers)
-        from nestlm.eval import envs as env_lib
-        from nestlm.eval.tokenizer import get_tokenizer
+        from nestlm import envs as env_lib
+        from nestlm.envs.tokenizer import get_tokenizer
 
         self.envs = list(envs) if envs is not None else list(env_lib.ENVS)
         unknown = [e for e in self.envs if e not in env_lib.ENVS]

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 lm_eval = pytest.importorskip("lm_eval")
 
 import nestlm.eval  # noqa: E402,F401  (registers the model)
-from nestlm.eval.tokenizer import get_tokenizer  # noqa: E402
+from nestlm.envs.tokenizer import get_tokenizer  # noqa: E402
 from nestlm.models import HybridConfig, HybridLM  # noqa: E402
 
 

@@ -12,11 +12,11 @@ import torch
 
 from nestlm.eval.bench import REPORT_KEYS, run_benchmark
 from nestlm.eval.cli import main as eval_main
-from nestlm.eval.envs import ENVS, final_window, generate_episode
+from nestlm.envs import ENVS, final_window, generate_episode
 from nestlm.eval.loading import attention_window, full_attention_layers, load_model
 from nestlm.eval.report import adjusted, bootstrap_ci, coherence_horizon, horizon_summary
 from nestlm.eval.scoring import closed_loop, score_episode, score_predictions, stream_argmax
-from nestlm.eval.tokenizer import get_tokenizer
+from nestlm.envs.tokenizer import get_tokenizer
 from nestlm.models import HybridConfig, HybridLM
 
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 
-from nestlm.eval.envs import courier, ledger, shell
-from nestlm.eval.envs.base import MAX_TRAIN_STEPS, SPLITS, Episode, Probe, final_window, name_pool
+from nestlm.envs import courier, ledger, shell
+from nestlm.envs.base import MAX_TRAIN_STEPS, SPLITS, Episode, Probe, final_window, name_pool
 
 GENERATOR_VERSION = "acb-1.0"
 ENVS = {"ledger": ledger, "shell": shell, "courier": courier}

@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-from nestlm.eval.envs.base import (
+from nestlm.envs.base import (
     Writer,
     check_args,
     final_window,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from acb_checkers import CHECKERS
 
-from nestlm.eval.envs import ENVS, GENERATOR_VERSION, config_hash, final_window, generate_episode, name_pool
-from nestlm.eval.tokenizer import get_tokenizer
+from nestlm.envs import ENVS, GENERATOR_VERSION, config_hash, final_window, generate_episode, name_pool
+from nestlm.envs.tokenizer import get_tokenizer
 
 CASES = [
     (env, n, seed, split)

@@ -17,7 +17,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from nestlm.eval.tokenizer import KEYWORDS, SYLLABLES, get_tokenizer
+from nestlm.envs.tokenizer import KEYWORDS, SYLLABLES, get_tokenizer
 
 # "val" is the train distribution (pools, templates, parameters) with its own episode seeds
 SPLITS = ("train", "val", "test")

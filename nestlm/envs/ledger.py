@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from nestlm.eval.envs.base import (
+from nestlm.envs.base import (
     Writer,
     check_args,
     final_window,
