@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
-from nestlm.eval.loading import attention_window, load_model
 from nestlm.envs.tokenizer import get_tokenizer
+from nestlm.eval.loading import attention_window, load_model
 
 
 class _AcbTok:

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+from nestlm.envs import ENVS, final_window, generate_episode
+from nestlm.envs.tokenizer import get_tokenizer
 from nestlm.eval.bench import REPORT_KEYS, run_benchmark
 from nestlm.eval.cli import main as eval_main
-from nestlm.envs import ENVS, final_window, generate_episode
 from nestlm.eval.loading import attention_window, full_attention_layers, load_model
 from nestlm.eval.report import adjusted, bootstrap_ci, coherence_horizon, horizon_summary
 from nestlm.eval.scoring import closed_loop, score_episode, score_predictions, stream_argmax
-from nestlm.envs.tokenizer import get_tokenizer
 from nestlm.models import HybridConfig, HybridLM
 
 
