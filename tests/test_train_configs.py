@@ -11,7 +11,7 @@ import yaml
 from nestlm.models import HybridConfig, HybridLM
 from nestlm.train.cli import DEFAULT_CONFIG, run_lightning
 from nestlm.train.export import export
-from nestlm.train.module import NestLM
+from nestlm.train.module import LitHybridLM
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -61,18 +61,20 @@ def test_model_yaml_files_match_presets_and_load_by_path():
     for f in sorted((CONFIGS / "model").glob("*-tiny.yaml")):
         name = f.stem[: -len("-tiny")]
         assert HybridConfig(**yaml.safe_load(f.read_text())) == HybridConfig.preset(name, "tiny"), f.name
-    module = NestLM(config=str(CONFIGS / "model" / "transformer-tiny.yaml"), overrides={"d_model": 64, "n_heads": 2})
+    module = LitHybridLM(
+        config=str(CONFIGS / "model" / "transformer-tiny.yaml"), overrides={"d_model": 64, "n_heads": 2}
+    )
     assert module.cfg.d_model == 64 and module.cfg.layers == HybridConfig.preset("transformer", "tiny").layers
     assert isinstance(module.hparams["config"], dict)  # the file's contents, not its path
     with pytest.raises(FileNotFoundError, match="no_such.yaml"):
-        NestLM(config="no_such.yaml")
+        LitHybridLM(config="no_such.yaml")
 
 
 def test_export_of_an_fsdp_sharded_checkpoint_directory(tmp_path):
     """Lightning's FSDP sharded layout: DCP files of {"model": state_dict, ...} plus meta.pt."""
     import torch.distributed.checkpoint as dcp
 
-    module = NestLM(
+    module = LitHybridLM(
         preset="transformer",
         overrides={"vocab_size": 61, "d_model": 32, "n_heads": 2, "layers": ["attn", "swa"], "window": 4},
     )

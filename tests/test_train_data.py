@@ -12,7 +12,7 @@ import torch
 from train_helpers import make_shards
 
 from nestlm.train.data import IGNORE, TokenShards, window_sample
-from nestlm.train.module import NestLM
+from nestlm.train.module import LitHybridLM
 from nestlm.train.prepare import main as prepare_main
 from nestlm.train.prepare import prepare
 
@@ -79,7 +79,7 @@ def test_segments_carry_state_and_equal_one_long_call(shards):
     torch.manual_seed(0)
     dm = _dm(shards, batch_size=2, seq_len=24, segment_len=8)
     full = dm.window_batch(0, 0)
-    module = NestLM(
+    module = LitHybridLM(
         preset="swa-transformer",
         size="tiny",
         overrides={"vocab_size": 257, "d_model": 32, "n_heads": 2, "window": 5, "layers": ["swa", "attn"]},
@@ -96,7 +96,7 @@ def test_segments_carry_state_and_equal_one_long_call(shards):
     want = module(full["input_ids"]).logits
     torch.testing.assert_close(torch.cat(logits, 1), want, rtol=1e-9, atol=1e-12)
     # a reset row starts over: its output equals a fresh call on that segment alone (bounded-state layers)
-    swa_only = NestLM(
+    swa_only = LitHybridLM(
         preset="swa-transformer",
         size="tiny",
         overrides={"vocab_size": 257, "d_model": 32, "n_heads": 2, "window": 5, "layers": ["swa"]},

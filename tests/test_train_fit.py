@@ -12,7 +12,7 @@ import torch
 from train_helpers import cli_env, fit_argv, losses, make_shards, run_cli, wandb_history
 
 from nestlm.models import HybridLM
-from nestlm.train.module import NestLM
+from nestlm.train.module import LitHybridLM
 
 STEPS = 8
 
@@ -70,12 +70,12 @@ def test_checkpoint_is_weights_only_loadable(run):
     assert ckpt["global_step"] == STEPS
     assert ckpt["hyper_parameters"]["preset"] == "transformer"
     assert ckpt["nestlm_config"]["layers"] == ["attn", "swa"]
-    module = NestLM.load_from_checkpoint(run["run_dir"] / "checkpoints" / "last.ckpt", weights_only=True)
+    module = LitHybridLM.load_from_checkpoint(run["run_dir"] / "checkpoints" / "last.ckpt", weights_only=True)
     assert module.cfg.to_dict() == ckpt["nestlm_config"]
 
 
 def test_export_loads_in_fresh_process_with_same_logits(run, tmp_path):
-    module = NestLM.load_from_checkpoint(run["run_dir"] / "checkpoints" / "last.ckpt", weights_only=True).eval()
+    module = LitHybridLM.load_from_checkpoint(run["run_dir"] / "checkpoints" / "last.ckpt", weights_only=True).eval()
     ids = torch.randint(0, 257, (2, 29), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         want = module(ids).logits

@@ -1,17 +1,17 @@
-"""NestLM: weight-decay groups, the warmup + cosine schedule, activation checkpointing."""
+"""LitHybridLM: weight-decay groups, the warmup + cosine schedule, activation checkpointing."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from nestlm.train.module import NestLM, param_groups
+from nestlm.train.module import LitHybridLM, param_groups
 
 TINY = {"vocab_size": 97, "d_model": 32, "n_heads": 2, "window": 8, "layers": ["attn", "swa"]}
 
 
 def test_no_decay_on_norms_biases_1d_and_flagged_params():
-    module = NestLM(preset="transformer", overrides=TINY)
+    module = LitHybridLM(preset="transformer", overrides=TINY)
     model = module.model
     model.blocks[0].mixer.wq.weight._no_weight_decay = True
     decay, keep = param_groups(model, 0.1)
@@ -30,7 +30,7 @@ def test_no_decay_on_norms_biases_1d_and_flagged_params():
 
 @pytest.mark.parametrize("warmup", [0, 5])
 def test_schedule_is_linear_warmup_then_cosine(warmup):
-    module = NestLM(
+    module = LitHybridLM(
         preset="transformer", overrides=TINY, lr=1e-2, warmup_steps=warmup, decay_steps=25, min_lr_ratio=0.1
     )
     conf = module.configure_optimizers()
@@ -46,8 +46,8 @@ def test_schedule_is_linear_warmup_then_cosine(warmup):
 
 def test_activation_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
-    plain = NestLM(preset="transformer", overrides=TINY).double()
-    ckpt = NestLM(preset="transformer", overrides=TINY, activation_checkpointing=True).double()
+    plain = LitHybridLM(preset="transformer", overrides=TINY).double()
+    ckpt = LitHybridLM(preset="transformer", overrides=TINY, activation_checkpointing=True).double()
     ckpt.load_state_dict(plain.state_dict())
     ids = torch.randint(0, 97, (2, 19))
     grads = []
@@ -61,17 +61,17 @@ def test_activation_checkpointing_gives_the_same_gradients():
 
 def test_bad_hyperparameters():
     with pytest.raises(ValueError, match="warmup_steps"):
-        NestLM(preset="transformer", overrides=TINY, warmup_steps=-1)
+        LitHybridLM(preset="transformer", overrides=TINY, warmup_steps=-1)
     with pytest.raises(ValueError, match="preset"):
-        NestLM(preset=None)
+        LitHybridLM(preset=None)
     with pytest.raises(ValueError, match="HybridConfig"):
-        NestLM(preset="transformer", overrides={"d_model": 0})
+        LitHybridLM(preset="transformer", overrides={"d_model": 0})
 
 
 def test_memory_update_norms_cover_memory_layers_only():
     from nestlm.train.callbacks import memory_update_norms
 
-    module = NestLM(
+    module = LitHybridLM(
         preset="hope-hybrid",
         overrides={
             "vocab_size": 97,
@@ -93,12 +93,12 @@ def test_memory_update_norms_cover_memory_layers_only():
 
 
 def test_carried_state_survives_a_weights_only_checkpoint(tmp_path):
-    module = NestLM(preset="transformer", overrides=TINY)
+    module = LitHybridLM(preset="transformer", overrides=TINY)
     module._carry = module(torch.randint(0, 97, (2, 11))).state.detach()
     ckpt = {}
     module.on_save_checkpoint(ckpt)
     torch.save(ckpt, tmp_path / "c.ckpt")
-    again = NestLM(preset="transformer", overrides=TINY)
+    again = LitHybridLM(preset="transformer", overrides=TINY)
     again.on_load_checkpoint(torch.load(tmp_path / "c.ckpt", weights_only=True))
     a, b = module._carry.flat(), again._carry.flat()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -152,7 +152,7 @@ _WRAPPERS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.
 
 
 def model_state_dict(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The HybridLM weights inside a NestLM checkpoint (prefix `model.` dropped, wrapper names removed)."""
+    """The HybridLM weights inside a LitHybridLM checkpoint (prefix `model.` dropped, wrapper names removed)."""
     out = {}
     for k, v in ckpt["state_dict"].items():
         for w in _WRAPPERS:
@@ -160,5 +160,5 @@ def model_state_dict(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
         if k.startswith("model."):
             out[k[len("model.") :]] = v
     if not out:
-        raise ValueError("checkpoint holds no `model.*` weights (not a nestlm NestLM checkpoint)")
+        raise ValueError("checkpoint holds no `model.*` weights (not a nestlm training checkpoint)")
     return out

@@ -1,4 +1,4 @@
-"""`nestlm fit|validate|test`: LightningCLI over NestLM and the nestlm DataModules.
+"""`nestlm fit|validate|test`: LightningCLI over LitHybridLM and the nestlm DataModules.
 
 With no arguments `nestlm fit` runs the embedded default (nestlm/configs/default.yaml): the
 flagship tiny preset on synthetic agent trajectories, on CPU in a few minutes. Everything is a
@@ -30,7 +30,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from nestlm.train.callbacks import NonFiniteLossError
 from nestlm.train.checkpoint import newest_last_checkpoint, read_checkpoint
-from nestlm.train.module import NestLM
+from nestlm.train.module import LitHybridLM
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 SUBCOMMANDS = ("fit", "validate", "test")
@@ -55,7 +55,7 @@ class NestCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
         self._t0 = time.time()
         super().__init__(
-            NestLM,
+            LitHybridLM,
             L.LightningDataModule,
             subclass_mode_data=True,
             save_config_callback=RunConfig,

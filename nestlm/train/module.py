@@ -33,10 +33,10 @@ def read_config_file(path: str) -> dict[str, Any]:
     """A HybridConfig dict from a YAML / JSON file (configs/model/<preset>-<size>.yaml)."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"NestLM.config: no model config file at {p}")
+        raise FileNotFoundError(f"LitHybridLM.config: no model config file at {p}")
     d = yaml.safe_load(p.read_text())
     if not isinstance(d, dict):
-        raise ValueError(f"NestLM.config: {p} does not hold a mapping of HybridConfig fields")
+        raise ValueError(f"LitHybridLM.config: {p} does not hold a mapping of HybridConfig fields")
     return d
 
 
@@ -49,7 +49,7 @@ def build_config(
         d.update(overrides or {})
         return HybridConfig.from_dict(d)
     if preset is None:
-        raise ValueError("NestLM: give either model.preset (with size/overrides) or model.config")
+        raise ValueError("LitHybridLM: give either model.preset (with size/overrides) or model.config")
     return HybridConfig.preset(preset, size, **(overrides or {}))
 
 
@@ -91,7 +91,7 @@ def _state_from_dict(d: dict[str, Any], device: torch.device) -> State:
     return State(blocks, dict(d["meta"]))
 
 
-class NestLM(L.LightningModule):
+class LitHybridLM(L.LightningModule):
     """Next-token training of a HybridLM.
 
     Args:
@@ -124,9 +124,9 @@ class NestLM(L.LightningModule):
     ) -> None:
         super().__init__()
         if warmup_steps < 0:
-            raise ValueError(f"NestLM.warmup_steps={warmup_steps!r} is invalid: expected an int >= 0")
+            raise ValueError(f"LitHybridLM.warmup_steps={warmup_steps!r} is invalid: expected an int >= 0")
         if not 0.0 <= min_lr_ratio <= 1.0:
-            raise ValueError(f"NestLM.min_lr_ratio={min_lr_ratio!r} is invalid: expected a number in [0, 1]")
+            raise ValueError(f"LitHybridLM.min_lr_ratio={min_lr_ratio!r} is invalid: expected a number in [0, 1]")
         if isinstance(config, str):
             config = read_config_file(config)
         self.save_hyperparameters()
@@ -169,7 +169,7 @@ class NestLM(L.LightningModule):
         def pick(name: str, carried: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
             if carried.shape != new.shape:  # e.g. a full-attention KV cache, whose length the rows share
                 raise ValueError(
-                    f"NestLM: cannot reset some rows of state tensor {name} of shape "
+                    f"LitHybridLM: cannot reset some rows of state tensor {name} of shape "
                     f"{tuple(carried.shape)} (a fresh one has {tuple(new.shape)}); reset whole batches"
                 )
             m = keep.view(-1, *([1] * (carried.dim() - 1))).to(carried.device)
@@ -218,7 +218,7 @@ class NestLM(L.LightningModule):
         opt = torch.optim.AdamW(param_groups(self.model, h.weight_decay), lr=h.lr, betas=tuple(h.betas), eps=h.eps)
         total = h.decay_steps or (self.trainer.max_steps if self.trainer.max_steps > 0 else None)
         if total is None:
-            raise ValueError("NestLM.decay_steps is unset and trainer.max_steps is -1: set one of them")
+            raise ValueError("LitHybridLM.decay_steps is unset and trainer.max_steps is -1: set one of them")
         sch = torch.optim.lr_scheduler
         warm = h.warmup_steps if h.warmup_steps < total else 0
         parts = [sch.LinearLR(opt, start_factor=1e-3, end_factor=1.0, total_iters=warm)] if warm else []

@@ -14,7 +14,7 @@ class BlockFSDP(FSDPStrategy):
 
     Args:
         activation_checkpointing: recompute each block in the backward pass (FSDP's own wrapper;
-            leave NestLM.activation_checkpointing off when using this).
+            leave LitHybridLM.activation_checkpointing off when using this).
         sharding_strategy: FULL_SHARD, SHARD_GRAD_OP, HYBRID_SHARD or NO_SHARD.
         state_dict_type: "sharded" (one file per rank, fast; `nestlm export` consolidates it) or "full".
     """
