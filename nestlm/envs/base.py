@@ -72,6 +72,10 @@ class Episode:
         return "".join(s + "\n" for s in self.steps)
 
     @property
+    def level(self) -> int:
+        return int(self.params["level"])
+
+    @property
     def tokens_per_step(self) -> float:
         return (len(self.tokens) - 1) / max(1, self.n_steps + 1)
 
@@ -90,7 +94,9 @@ def name_pool(split: str) -> list[str]:
     return [n for n in names if zlib.crc32(n.encode()) % 5 != 0]
 
 
-def check_args(env: str, n_steps: int, seed: int, split: str) -> None:
+def check_args(env: str, n_steps: int, seed: int, split: str, level: int, levels: dict) -> None:
+    if level not in levels:
+        raise ValueError(f"level={level!r} of env {env!r} is invalid: expected one of {sorted(levels)}")
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is invalid: expected one of {SPLITS}")
     if not isinstance(n_steps, int) or isinstance(n_steps, bool) or n_steps < 1:
@@ -109,9 +115,13 @@ def param_split(split: str) -> str:
     return "test" if split == "test" else "train"
 
 
-def make_rng(env: str, split: str, seed: int, n_steps: int) -> random.Random:
+LEGACY_LEVEL = 3  # the acb-1.0 benchmark: its seed strings carry no level, so its episodes are unchanged
+
+
+def make_rng(env: str, split: str, seed: int, n_steps: int, level: int = LEGACY_LEVEL) -> random.Random:
     # string seeds are hashed with sha512 by `random`, so this is stable across runs and machines
-    return random.Random(f"nestlm-acb:{env}:{split}:{seed}:{n_steps}")
+    lv = "" if level == LEGACY_LEVEL else f":L{level}"
+    return random.Random(f"nestlm-acb{lv}:{env}:{split}:{seed}:{n_steps}")
 
 
 def final_window(n_steps: int) -> int:

@@ -21,6 +21,9 @@ the courier's step is otherwise predictable from the observation). Lag of "where
 item's room last appeared (briefing, news, take/drop at that room, an earlier answer). Lag of
 "action": steps since the oldest fact the route needs last appeared: the target's room and every
 door on the route (shown by the briefing or by walking through it).
+
+Levels (`LEVELS`, `courier:1` ... `courier:3`; a bare `courier` is level 3, the acb-1.0 benchmark):
+the number of rooms and items, the gap between orders, and the news and probe densities.
 """
 
 from __future__ import annotations
@@ -41,24 +44,49 @@ from nestlm.envs.base import (
 DIRS = {"n": (0, -1), "s": (0, 1), "e": (1, 0), "w": (-1, 0)}
 OPPOSITE = {"n": "s", "s": "n", "e": "w", "w": "e"}
 
-PARAMS: dict[str, dict[str, Any]] = {
-    "train": dict(
-        n_rooms=[4, 5, 6, 8],
-        n_items=[2, 3],
-        order_gap=[1, 8],
-        p_news=0.08,
-        p_probe=0.12,
-        templates=dict(where=["where is {x}", "where {x}"], order=["order {x} to {r}"]),
-    ),
-    "test": dict(
-        n_rooms=[7],
-        n_items=[4],
-        order_gap=[8, 24],
-        p_news=0.01,
-        p_probe=0.01,
-        templates=dict(where=["{x} at ?"], order=["order to {r} {x}"]),
-    ),
+_TEMPLATES = {
+    "train": dict(where=["where is {x}", "where {x}"], order=["order {x} to {r}"]),
+    "test": dict(where=["{x} at ?"], order=["order to {r} {x}"]),
 }
+# LEVELS[level][split]. Level 3 is the acb-1.0 benchmark (episodes unchanged); level 1 is a small
+# map with one or two items and frequent orders.
+LEVELS: dict[int, dict[str, dict[str, Any]]] = {
+    1: {
+        "train": dict(
+            n_rooms=[3, 4], n_items=[1, 2], order_gap=[1, 4], p_news=0.1, p_probe=0.2, templates=_TEMPLATES["train"]
+        ),
+        "test": dict(
+            n_rooms=[4], n_items=[2], order_gap=[2, 6], p_news=0.05, p_probe=0.1, templates=_TEMPLATES["test"]
+        ),
+    },
+    2: {
+        "train": dict(
+            n_rooms=[4, 5, 6],
+            n_items=[2, 3],
+            order_gap=[1, 8],
+            p_news=0.08,
+            p_probe=0.12,
+            templates=_TEMPLATES["train"],
+        ),
+        "test": dict(
+            n_rooms=[6], n_items=[3], order_gap=[6, 16], p_news=0.02, p_probe=0.05, templates=_TEMPLATES["test"]
+        ),
+    },
+    3: {
+        "train": dict(
+            n_rooms=[4, 5, 6, 8],
+            n_items=[2, 3],
+            order_gap=[1, 8],
+            p_news=0.08,
+            p_probe=0.12,
+            templates=_TEMPLATES["train"],
+        ),
+        "test": dict(
+            n_rooms=[7], n_items=[4], order_gap=[8, 24], p_news=0.01, p_probe=0.01, templates=_TEMPLATES["test"]
+        ),
+    },
+}
+DEFAULT_LEVEL = 3
 P_PROBE_FINAL = 0.4
 
 
@@ -96,11 +124,11 @@ def route(adj: dict[str, dict[str, str]], src: str, dst: str) -> list[tuple[str,
     return path[::-1]
 
 
-def generate(n_steps: int, seed: int, split: str = "train"):
-    check_args("courier", n_steps, seed, split)
-    P = PARAMS[param_split(split)]
+def generate(n_steps: int, seed: int, split: str = "train", level: int = DEFAULT_LEVEL):
+    check_args("courier", n_steps, seed, split, level, LEVELS)
+    P = LEVELS[level][param_split(split)]
     T = P["templates"]
-    rng = make_rng("courier", split, seed, n_steps)
+    rng = make_rng("courier", split, seed, n_steps, level)
     n_rooms, n_items = rng.choice(P["n_rooms"]), rng.choice(P["n_items"])
     names = rng.sample(name_pool(split), n_rooms + n_items)
     rooms, items = names[:n_rooms], names[n_rooms:]
@@ -120,7 +148,7 @@ def generate(n_steps: int, seed: int, split: str = "train"):
     w = Writer()
     w.briefing(" ".join(brief))
     window = final_window(n_steps)
-    params = dict(n_rooms=n_rooms, n_items=n_items, order_gap=P["order_gap"], p_news=P["p_news"])
+    params = dict(level=level, n_rooms=n_rooms, n_items=n_items, order_gap=P["order_gap"], p_news=P["p_news"])
 
     order: tuple[str, str] | None = None  # (item, destination)
     dest_seen = 0

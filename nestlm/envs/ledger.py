@@ -6,6 +6,7 @@ accounts, whose deposits and withdrawals are rejected: the balance stays as it w
 Steps (the first ones set codes; then a random mix):
     [O] code K 4821 [A] ok [E]          set / overwrite a code (the latest value wins)
     [O] dep A 35 [A] 70 [E]             deposit (or `wd`, withdraw), answer: new balance mod M
+    [O] set A 35 [A] ok [E]             levels without arithmetic: the balance becomes 35
     [O] news N 12 [A] ok [E]            distractor
     [Q] bal A [A] 70 [E]                query a balance
     [Q] code K [A] 4821 [E]             recall a code
@@ -13,6 +14,10 @@ Steps (the first ones set codes; then a random mix):
 Scored answers: kind "update" (new balance), "query" and "recall". Lag: steps since the balance or
 code last appeared anywhere (briefing, an update or query answer, a set/overwrite, a recall answer);
 for a frozen account's update, steps since the briefing that states the rule.
+
+Levels (`LEVELS`, named `ledger:1` ... `ledger:3`; a bare `ledger` is level 3, the acb-1.0 benchmark):
+the number of accounts and codes, the code length, arithmetic on or off (`set` instead of
+`dep`/`wd`), frozen accounts, and the distractor and probe densities.
 """
 
 from __future__ import annotations
@@ -29,46 +34,121 @@ from nestlm.envs.base import (
     pick_by_lag,
 )
 
-# one entry per split: the test split holds out parameter values and one template per message
-PARAMS: dict[str, dict[str, Any]] = {
-    "train": dict(
-        n_accounts=[3, 4, 6, 8],
-        n_codes=[2, 3, 4, 8],
-        n_frozen=[0, 1],
-        modulus=100,
-        p_distract=[0.15, 0.35],
-        p_query=0.12,
-        p_recall=0.06,
-        p_overwrite=0.04,
-        templates=dict(
-            dep=["dep {a} {x}", "{a} dep {x}"],
-            wd=["wd {a} {x}", "{a} wd {x}"],
-            query=["bal {a}", "{a} bal ?"],
-            recall=["code {k}", "code of {k}"],
+
+def _templates(split: str, arithmetic: bool) -> dict[str, list[str]]:
+    # the test split holds out one template per message
+    if split == "test":
+        ops = dict(dep=["dep {x} to {a}"], wd=["wd {x} of {a}"]) if arithmetic else dict(set=["set {a} to {x}"])
+        return dict(**ops, query=["bal of {a}"], recall=["{k} code ?"])
+    ops = (
+        dict(dep=["dep {a} {x}", "{a} dep {x}"], wd=["wd {a} {x}", "{a} wd {x}"])
+        if arithmetic
+        else dict(set=["set {a} {x}", "{a} set {x}"])
+    )
+    return dict(**ops, query=["bal {a}", "{a} bal ?"], recall=["code {k}", "code of {k}"])
+
+
+# LEVELS[level][split]: the test split holds out parameter values and templates. Level 3 is the
+# acb-1.0 benchmark (its episodes are unchanged); level 1 is a key-value store (no arithmetic, a
+# few accounts, 2-digit codes, dense probes) that a tiny model learns on a CPU.
+LEVELS: dict[int, dict[str, dict[str, Any]]] = {
+    1: {
+        "train": dict(
+            n_accounts=[2, 3],
+            n_codes=[1, 2],
+            code_digits=2,
+            n_frozen=[0],
+            arithmetic=False,
+            modulus=100,
+            p_distract=[0.0, 0.1],
+            p_query=0.3,
+            p_recall=0.15,
+            p_overwrite=0.05,
+            templates=_templates("train", False),
         ),
-    ),
-    # sparser probes and overwrites outside the scored window, so distant facts stay distant
-    "test": dict(
-        n_accounts=[5],
-        n_codes=[6],
-        n_frozen=[1],
-        modulus=100,
-        p_distract=[0.45, 0.45],
-        p_query=0.03,
-        p_recall=0.003,
-        p_overwrite=0.002,
-        templates=dict(dep=["dep {x} to {a}"], wd=["wd {x} of {a}"], query=["bal of {a}"], recall=["{k} code ?"]),
-    ),
+        "test": dict(
+            n_accounts=[4],
+            n_codes=[2],
+            code_digits=2,
+            n_frozen=[0],
+            arithmetic=False,
+            modulus=100,
+            p_distract=[0.15, 0.15],
+            p_query=0.2,
+            p_recall=0.1,
+            p_overwrite=0.02,
+            templates=_templates("test", False),
+        ),
+    },
+    2: {
+        "train": dict(
+            n_accounts=[3, 4],
+            n_codes=[2, 3],
+            code_digits=3,
+            n_frozen=[0, 1],
+            arithmetic=True,
+            modulus=100,
+            p_distract=[0.1, 0.25],
+            p_query=0.2,
+            p_recall=0.1,
+            p_overwrite=0.04,
+            templates=_templates("train", True),
+        ),
+        "test": dict(
+            n_accounts=[5],
+            n_codes=[4],
+            code_digits=3,
+            n_frozen=[1],
+            arithmetic=True,
+            modulus=100,
+            p_distract=[0.3, 0.3],
+            p_query=0.08,
+            p_recall=0.02,
+            p_overwrite=0.01,
+            templates=_templates("test", True),
+        ),
+    },
+    3: {
+        "train": dict(
+            n_accounts=[3, 4, 6, 8],
+            n_codes=[2, 3, 4, 8],
+            code_digits=4,
+            n_frozen=[0, 1],
+            arithmetic=True,
+            modulus=100,
+            p_distract=[0.15, 0.35],
+            p_query=0.12,
+            p_recall=0.06,
+            p_overwrite=0.04,
+            templates=_templates("train", True),
+        ),
+        # sparser probes and overwrites outside the scored window, so distant facts stay distant
+        "test": dict(
+            n_accounts=[5],
+            n_codes=[6],
+            code_digits=4,
+            n_frozen=[1],
+            arithmetic=True,
+            modulus=100,
+            p_distract=[0.45, 0.45],
+            p_query=0.03,
+            p_recall=0.003,
+            p_overwrite=0.002,
+            templates=_templates("test", True),
+        ),
+    },
 }
+DEFAULT_LEVEL = 3
 P_PROBE_FINAL = 0.4  # probe rate in the scored final window
 
 
-def generate(n_steps: int, seed: int, split: str = "train"):
-    check_args("ledger", n_steps, seed, split)
-    P = PARAMS[param_split(split)]
-    rng = make_rng("ledger", split, seed, n_steps)
+def generate(n_steps: int, seed: int, split: str = "train", level: int = DEFAULT_LEVEL):
+    check_args("ledger", n_steps, seed, split, level, LEVELS)
+    P = LEVELS[level][param_split(split)]
+    rng = make_rng("ledger", split, seed, n_steps, level)
     T = P["templates"]
     M = P["modulus"]
+    digits = P["code_digits"]
     n_acc = rng.choice(P["n_accounts"])
     n_codes = rng.choice(P["n_codes"])
     names = rng.sample(name_pool(split), n_acc + n_codes + 8)
@@ -88,14 +168,19 @@ def generate(n_steps: int, seed: int, split: str = "train"):
     set_steps = sorted(rng.sample(range(1, last_set + 1), min(n_codes, max(0, last_set))))
     to_set = list(codes_k)
     params = dict(
-        n_accounts=n_acc, n_codes=len(set_steps), frozen=sorted(frozen), modulus=M, p_distract=round(p_distract, 4)
+        level=level,
+        n_accounts=n_acc,
+        n_codes=len(set_steps),
+        frozen=sorted(frozen),
+        modulus=M,
+        p_distract=round(p_distract, 4),
     )
 
     for step in range(1, n_steps + 1):
         in_final = step > n_steps - window
         if step in set_steps:
             k = to_set.pop(0)
-            codes[k] = f"{rng.randrange(10_000):04d}"
+            codes[k] = f"{rng.randrange(10**digits):0{digits}d}"
             seen[("code", k)] = step
             w.add("[O]", f"code {k} {codes[k]}", "ok")
             continue
@@ -122,11 +207,16 @@ def generate(n_steps: int, seed: int, split: str = "train"):
         r = rng.random()
         if codes and step > 20 and r < P["p_overwrite"]:
             k = rng.choice(sorted(codes))
-            codes[k] = f"{rng.randrange(10_000):04d}"
+            codes[k] = f"{rng.randrange(10**digits):0{digits}d}"
             seen[("code", k)] = step
             w.add("[O]", f"code {k} {codes[k]}", "ok")
         elif r < P["p_overwrite"] + p_distract:
             w.add("[O]", f"news {rng.choice(news_names)} {rng.randrange(M)}", "ok")
+        elif not P["arithmetic"]:
+            a = rng.choice(accounts)
+            bal[a] = rng.randrange(M)
+            seen[("bal", a)] = step
+            w.add("[O]", rng.choice(T["set"]).format(a=a, x=bal[a]), "ok")
         else:
             a = rng.choice(accounts)
             x = rng.randrange(1, M)

@@ -14,6 +14,9 @@ Steps:
 Scored answers: kinds "where" and "peek", chance 1/n_cups. Lag: steps since the item's cup last
 appeared (briefing, reveal, or a probe answer about it); `extra["moves"]` counts the permutation
 steps since then (the length of the composition the answer needs).
+
+Levels (`LEVELS`, `shell:1` ... `shell:3`; a bare `shell` is level 3, the acb-1.0 benchmark): the
+number of cups, which moves occur, idle density and the number of steps between reveals.
 """
 
 from __future__ import annotations
@@ -30,22 +33,59 @@ from nestlm.envs.base import (
     pick_by_lag,
 )
 
-PARAMS: dict[str, dict[str, Any]] = {
-    "train": dict(
-        n_cups=[3, 4, 6],
-        p_idle=[0.2, 0.5],
-        reveal_gap=[5, 30],
-        p_probe=0.15,
-        templates=dict(where=["where {x}", "{x} at ?"], peek=["peek {c}", "cup {c} ?"]),
-    ),
-    "test": dict(
-        n_cups=[5],
-        p_idle=[0.6, 0.6],
-        reveal_gap=[50, 150],
-        p_probe=0.15,
-        templates=dict(where=["where is {x}"], peek=["peek cup {c}"]),
-    ),
+_TEMPLATES = {
+    "train": dict(where=["where {x}", "{x} at ?"], peek=["peek {c}", "cup {c} ?"]),
+    "test": dict(where=["where is {x}"], peek=["peek cup {c}"]),
 }
+# LEVELS[level][split]. Level 3 is the acb-1.0 benchmark (episodes unchanged); level 1 has three
+# cups, swaps only and a reveal every 1-3 steps, so an answer composes at most a few moves.
+LEVELS: dict[int, dict[str, dict[str, Any]]] = {
+    1: {
+        "train": dict(
+            n_cups=[3], moves=["swap"], p_idle=[0.0, 0.2], reveal_gap=[1, 3], p_probe=0.3, templates=_TEMPLATES["train"]
+        ),
+        "test": dict(
+            n_cups=[3], moves=["swap"], p_idle=[0.3, 0.3], reveal_gap=[2, 4], p_probe=0.2, templates=_TEMPLATES["test"]
+        ),
+    },
+    2: {
+        "train": dict(
+            n_cups=[3, 4],
+            moves=["swap", "cyc"],
+            p_idle=[0.1, 0.4],
+            reveal_gap=[4, 10],
+            p_probe=0.2,
+            templates=_TEMPLATES["train"],
+        ),
+        "test": dict(
+            n_cups=[4],
+            moves=["swap", "cyc"],
+            p_idle=[0.5, 0.5],
+            reveal_gap=[10, 20],
+            p_probe=0.15,
+            templates=_TEMPLATES["test"],
+        ),
+    },
+    3: {
+        "train": dict(
+            n_cups=[3, 4, 6],
+            moves=["swap", "cyc", "rot"],
+            p_idle=[0.2, 0.5],
+            reveal_gap=[5, 30],
+            p_probe=0.15,
+            templates=_TEMPLATES["train"],
+        ),
+        "test": dict(
+            n_cups=[5],
+            moves=["swap", "cyc", "rot"],
+            p_idle=[0.6, 0.6],
+            reveal_gap=[50, 150],
+            p_probe=0.15,
+            templates=_TEMPLATES["test"],
+        ),
+    },
+}
+DEFAULT_LEVEL = 3
 P_PROBE_FINAL = 0.25
 
 
@@ -65,10 +105,10 @@ def apply_move(cups: list[str], move: list[str]) -> list[str]:
     return out
 
 
-def generate(n_steps: int, seed: int, split: str = "train"):
-    check_args("shell", n_steps, seed, split)
-    P = PARAMS[param_split(split)]
-    rng = make_rng("shell", split, seed, n_steps)
+def generate(n_steps: int, seed: int, split: str = "train", level: int = DEFAULT_LEVEL):
+    check_args("shell", n_steps, seed, split, level, LEVELS)
+    P = LEVELS[level][param_split(split)]
+    rng = make_rng("shell", split, seed, n_steps, level)
     n = rng.choice(P["n_cups"])
     names = rng.sample(name_pool(split), n + 6)
     cups, noise = names[:n], names[n:]
@@ -79,7 +119,7 @@ def generate(n_steps: int, seed: int, split: str = "train"):
     w = Writer()
     w.briefing("shell " + " ".join(cups))
     window = final_window(n_steps)
-    params = dict(n_cups=n, p_idle=round(p_idle, 4), reveal_gap=P["reveal_gap"])
+    params = dict(level=level, n_cups=n, p_idle=round(p_idle, 4), reveal_gap=P["reveal_gap"])
 
     for step in range(1, n_steps + 1):
         in_final = step > n_steps - window
@@ -106,7 +146,7 @@ def generate(n_steps: int, seed: int, split: str = "train"):
         if rng.random() < p_idle:
             w.add("[O]", f"idle {rng.choice(noise)}", "ok")
             continue
-        kind = rng.choice(["swap", "cyc", "rot"])
+        kind = rng.choice(P["moves"])
         if kind == "swap":
             move = ["swap"] + [str(i + 1) for i in rng.sample(range(n), 2)]
         elif kind == "cyc":

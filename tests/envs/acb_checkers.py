@@ -45,6 +45,12 @@ def check_ledger(lines: list[str]) -> dict[int, tuple[str, str, int]]:
             assert ans == "ok"
         elif tag == "[O]" and w[0] == "news":
             assert ans == "ok"
+        elif tag == "[O]" and "set" in w:
+            (acct,) = [x for x in w if x in bal]
+            (amount,) = [int(x) for x in w if x.isdigit()]
+            bal[acct] = amount
+            seen[("b", acct)] = step
+            assert ans == "ok"
         elif tag == "[O]":
             op = "dep" if "dep" in w else "wd"
             (acct,) = [x for x in w if x in bal]
@@ -173,4 +179,20 @@ def check_courier(lines: list[str]) -> dict[int, tuple[str, str, int]]:
     return out
 
 
-CHECKERS = {"ledger": check_ledger, "shell": check_shell, "courier": check_courier}
+def check_mqar(lines: list[str]) -> dict[int, tuple[str, str, int]]:
+    words = _briefing(lines[0], "mqar")
+    assert len(words) % 2 == 0
+    value = dict(zip(words[0::2], words[1::2]))
+    assert len(value) == len(words) // 2, "a key occurs twice in the briefing"
+    assert not set(value) & set(value.values()), "keys and values share tokens"
+    seen = dict.fromkeys(value, 0)
+    out = {}
+    for step, line in enumerate(lines[1:], start=1):
+        tag, w, ans = _split(line)
+        assert tag == "[Q]" and len(w) == 1, line
+        out[step] = ("recall", value[w[0]], step - seen[w[0]])
+        seen[w[0]] = step
+    return out
+
+
+CHECKERS = {"ledger": check_ledger, "shell": check_shell, "courier": check_courier, "mqar": check_mqar}

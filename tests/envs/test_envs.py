@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import pytest
 from acb_checkers import CHECKERS
 
-from nestlm.envs import ENVS, GENERATOR_VERSION, config_hash, final_window, generate_episode, name_pool
+from nestlm.envs import (
+    ENVS,
+    GENERATOR_VERSION,
+    config_hash,
+    final_window,
+    generate_episode,
+    name_pool,
+    parse_env,
+    parse_envs,
+)
 from nestlm.envs.tokenizer import get_tokenizer
 
 CASES = [
-    (env, n, seed, split)
+    (f"{env}:{level}", n, seed, split)
     for env in ENVS
+    for level in ENVS[env].LEVELS
     for (n, seed, split) in [
         (1, 0, "train"),
         (20, 1, "train"),
@@ -73,14 +86,14 @@ def test_episode_format_and_spans(env, n, seed, split):
         assert 1 <= p.lag <= p.step and 0 < p.chance < 1
     # the scored window (last 10%) always holds a probe, and the last step is one
     assert any(p.step > n - final_window(n) for p in ep.probes)
-    if split == "test" and n >= 200:
+    if split == "test" and n >= 200 and ep.env != "mqar":
         assert 6 <= ep.tokens_per_step <= 16
 
 
 @pytest.mark.parametrize("env,n,seed,split", CASES)
 def test_independent_checker_recomputes_every_answer(env, n, seed, split):
     ep = generate_episode(env, n, seed, split)
-    expected = CHECKERS[env](ep.steps)
+    expected = CHECKERS[ep.env](ep.steps)
     got = {p.step: (p.kind, p.answer, p.lag) for p in ep.probes}
     assert got == expected
 
@@ -113,6 +126,63 @@ def test_long_lags_are_probed():
 
 def test_config_hash_and_version():
     assert len(config_hash()) == 16 and config_hash(["ledger"]) != config_hash(["shell"])
+    assert config_hash(["ledger:1"]) != config_hash(["ledger:2"]) != config_hash(["ledger"])
+    assert config_hash(["ledger"]) == config_hash(["ledger:3"]) and config_hash(["mqar"]) == config_hash(["mqar:1"])
     assert GENERATOR_VERSION
     with pytest.raises(ValueError, match="env="):
         config_hash(["nope"])
+
+
+def test_level_3_reproduces_the_acb_1_0_episodes():
+    # fingerprint of tokens, probes and parameters of acb-1.0 episodes (generator before levels existed)
+    h = hashlib.sha256()
+    for env in ("ledger", "shell", "courier"):
+        for split in ("train", "val", "test"):
+            for n in (1, 7, 20, 63, 200):
+                for seed in range(3):
+                    ep = generate_episode(env, n, seed, split)
+                    assert ep == generate_episode(f"{env}:3", n, seed, split)
+                    params = {k: v for k, v in ep.params.items() if k != "level"}
+                    probes = [(p.step, p.kind, p.span, p.lag, p.chance, p.extra) for p in ep.probes]
+                    h.update(json.dumps([ep.tokens, probes, params], sort_keys=True).encode())
+        h.update(json.dumps(generate_episode(env, 2000, 5, "test").tokens).encode())
+    assert h.hexdigest() == "f7553d317cbe1413e6d5590d3a4a9ead7505e14d3beadad8e9e78c67cb1bf2cb"
+
+
+def test_env_names_and_levels():
+    assert parse_env("ledger") == ("ledger", 3) and parse_env("ledger:1") == ("ledger", 1)
+    assert parse_env("mqar") == ("mqar", 1)
+    assert parse_envs("ledger:1, mqar") == ["ledger:1", "mqar"]
+    for bad, msg in (("ledger:9", "has levels"), ("ledger:x", "has levels"), ("nope:1", "expected one of")):
+        with pytest.raises(ValueError, match=msg):
+            parse_env(bad)
+    for bad in (",", "", [], ["ledger", ""]):
+        with pytest.raises(ValueError, match="envs="):
+            parse_envs(bad)
+    ep = generate_episode("ledger:1", 30, 0, "train")
+    assert ep.level == 1 and ep.env == "ledger"
+    assert all(w not in ep.text.split() for w in ("dep", "wd", "frozen"))  # level 1 has no arithmetic
+    assert generate_episode("ledger:2", 30, 0, "train").text != generate_episode("ledger:3", 30, 0, "train").text
+
+
+def test_levels_get_harder():
+    # the quantities the levels are defined by grow from level 1 to 3
+    def mean(env, f, split="train"):
+        return sum(f(generate_episode(env, 100, s, split)) for s in range(30)) / 30
+
+    assert mean("ledger:1", lambda e: e.params["n_accounts"]) < mean("ledger:3", lambda e: e.params["n_accounts"])
+    assert mean("shell:1", lambda e: max(p.extra["moves"] for p in e.probes)) < mean(
+        "shell:3", lambda e: max(p.extra["moves"] for p in e.probes)
+    )
+    assert mean("courier:1", lambda e: e.params["n_rooms"]) < mean("courier:3", lambda e: e.params["n_rooms"])
+    assert mean("mqar:1", lambda e: e.params["n_pairs"]) < mean("mqar:3", lambda e: e.params["n_pairs"])
+
+
+def test_mqar_pairs_and_rounds():
+    ep = generate_episode("mqar", 40, 3, "train")
+    n = ep.params["n_pairs"]
+    keys = [line.split()[1] for line in ep.steps[1:]]
+    for r in range(0, 40 - n + 1, n):  # each round asks every key once
+        assert sorted(keys[r : r + n]) == sorted(ep.steps[0].split()[2:-1:2])
+    assert all(len(p.answer_tokens) == 1 and p.kind == "recall" for p in ep.probes)
+    assert generate_episode("mqar", 40, 3, "test").text != ep.text

@@ -1,0 +1,55 @@
+"""MQAR: multi-query associative recall (Zoology, Arora et al. 2023) in the trajectory format.
+
+Briefing: `[P] mqar ka ne bu zo ... [/P]`: `n_pairs` key-value pairs, each key and each value one
+token, keys and values drawn from disjoint syllable sets (as Zoology draws them from disjoint halves
+of the vocabulary).
+
+Steps:
+    [Q] ka [A] ne [E]                  a query: the value paired with key `ka`
+
+Every step is a query (kind "recall", chance 1 / number of possible values). Keys are queried in
+rounds: each round is a random permutation of all keys, so the first round answers from the
+briefing alone and later rounds can also copy an earlier answer. Lag: steps since the key's value
+last appeared (the briefing, or the key's previous query).
+
+Splits: MQAR tests in distribution, as Zoology does: `test` draws other episodes (its own seed
+strings) from the same token sets; there are no templates or names to hold out.
+
+Levels (`mqar:1` ... `mqar:3`, a bare `mqar` is level 1): 8, 16 or 32 pairs. Level 1 at H = 20 is
+Zoology's smallest setting (sequence ~128 tokens, 8 pairs).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nestlm.envs.base import Writer, check_args, make_rng
+from nestlm.envs.tokenizer import CONSONANTS, KEYWORDS, VOWELS
+
+KEY_CONSONANTS, VALUE_CONSONANTS = CONSONANTS[:7], CONSONANTS[7:]
+KEYS = tuple(c + v for c in KEY_CONSONANTS for v in VOWELS if c + v not in KEYWORDS)
+VALUES = tuple(c + v for c in VALUE_CONSONANTS for v in VOWELS if c + v not in KEYWORDS)
+
+LEVELS: dict[int, dict[str, dict[str, Any]]] = {
+    level: {split: dict(n_pairs=n) for split in ("train", "test")} for level, n in ((1, 8), (2, 16), (3, 32))
+}
+DEFAULT_LEVEL = 1
+
+
+def generate(n_steps: int, seed: int, split: str = "train", level: int = DEFAULT_LEVEL):
+    check_args("mqar", n_steps, seed, split, level, LEVELS)
+    n = LEVELS[level]["train" if split != "test" else "test"]["n_pairs"]
+    rng = make_rng("mqar", split, seed, n_steps, level)
+    keys = rng.sample(KEYS, n)
+    value = dict(zip(keys, rng.choices(VALUES, k=n)))
+    seen = dict.fromkeys(keys, 0)
+    w = Writer()
+    w.briefing("mqar " + " ".join(f"{k} {value[k]}" for k in keys))
+    order: list[str] = []
+    for step in range(1, n_steps + 1):
+        if not order:
+            order = rng.sample(keys, n)
+        k = order.pop()
+        w.add("[Q]", k, value[k], [dict(kind="recall", lag=step - seen[k], chance=1 / len(VALUES))])
+        seen[k] = step
+    return w.episode("mqar", split, seed, n_steps, dict(level=level, n_pairs=n))
