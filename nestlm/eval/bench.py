@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -20,7 +21,7 @@ import torch
 import nestlm
 from nestlm import envs as env_lib
 from nestlm.eval.loading import DEFAULT_CONTEXT, attention_window, full_attention_layers
-from nestlm.eval.report import coherence_horizon, finite_or_none, horizon_summary, peak_rss_mb
+from nestlm.eval.report import coherence_horizon, finite_or_none, horizon_summary, lag_summary, peak_rss_mb
 from nestlm.eval.scoring import closed_loop, score_episode
 
 REPORT_KEYS = (
@@ -38,6 +39,26 @@ REPORT_KEYS = (
 def episode_seed(seed: int, index: int) -> int:
     """Seed of episode `index` of a run seeded `seed` (the generator also keys on env and length)."""
     return seed * 1_000_003 + index
+
+
+AUTO = 0  # `episodes[h] == AUTO`: as many episodes as the CI target needs (see episode_indices)
+AUTO_PROBES, AUTO_MAX_EPISODES = 500, 2000
+AUTO_LONG = {2000: 8, 20000: 2}  # fixed counts beyond 200 steps, where one episode holds many probes
+
+
+def episodes_at(env: str, horizon: int, count: int, seed: int, split: str) -> Iterator[env_lib.Episode]:
+    """The episodes scored at `horizon`: numbers 0..count-1, or for `count == AUTO` enough episodes
+    that the scored windows hold AUTO_PROBES probes (a 95% CI half-width <= ~0.045 at any accuracy)
+    for horizons up to 200 steps, and AUTO_LONG's counts (or 2) beyond."""
+    if count == AUTO:
+        count = AUTO_LONG.get(horizon, 2) if horizon > 200 else AUTO_MAX_EPISODES
+    probes = 0
+    for i in range(count):
+        if count == AUTO_MAX_EPISODES and probes >= AUTO_PROBES:
+            return
+        ep = env_lib.generate_episode(env, horizon, episode_seed(seed, i), split)
+        probes += sum(p.step > horizon - env_lib.final_window(horizon) for p in ep.probes)
+        yield ep
 
 
 def window_for(model, n_tokens: int, attn_window: str | int | None, trained_context: int | None) -> int | None:
@@ -65,14 +86,12 @@ def run_benchmark(
     checkpoint: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    for e in envs:
-        if e not in env_lib.ENVS:
-            raise ValueError(f"--envs: {e!r} is not an environment; expected names from {list(env_lib.ENVS)}")
+    envs = env_lib.parse_envs(envs, "--envs")
     for h in horizons:
         if not isinstance(h, int) or h < 1:
             raise ValueError(f"--horizons: {h!r} is invalid; expected positive ints")
     t0 = time.perf_counter()
-    total = sum(episodes[h] for h in horizons) * len(envs)
+    total = None if AUTO in episodes.values() else sum(episodes[h] for h in horizons) * len(envs)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -90,7 +109,7 @@ def run_benchmark(
         "peak_rss_mb": 0.0,
         "split": split,
         "seed": seed,
-        "episodes": {str(h): episodes[h] for h in horizons},
+        "episodes": {str(h): episodes[h] or "auto" for h in horizons},
         "model_config_hash": getattr(getattr(model, "config", None), "config_hash", lambda: None)(),
         "attention": {
             "full_attention_layers": n_full,
@@ -104,11 +123,10 @@ def run_benchmark(
     for env in envs:
         env_out: dict[str, Any] = {"horizons": {}}
         steps = toks = 0
-        last_eps = []
+        last_eps, every = [], []
         for h in horizons:
             scores, windows = [], set()
-            for i in range(episodes[h]):
-                ep = env_lib.generate_episode(env, h, episode_seed(seed, i), split)
+            for ep in episodes_at(env, h, episodes[h], seed, split):
                 win = window_for(model, len(ep.tokens), attn_window, trained_context)
                 windows.add(win)
                 with attention_window(model, win), torch.inference_mode():
@@ -120,6 +138,7 @@ def run_benchmark(
                 if bar is not None:
                     bar.set_postfix_str(f"{env} H={h}")
                     bar.update(1)
+            every += scores
             summ = horizon_summary(scores, seed=seed)
             summ["attention_window"] = sorted(w for w in windows if w is not None) or None
             env_out["horizons"][str(h)] = summ
@@ -129,6 +148,7 @@ def run_benchmark(
                 for h in horizons
             }
         )
+        env_out["by_lag"] = lag_summary(every)
         env_out["tokens_per_step"] = toks / max(1, steps)
         if closed_loop_eval:
             firsts = []

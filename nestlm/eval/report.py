@@ -1,7 +1,8 @@
 """Aggregation of scored episodes: accuracy, bootstrap CI, chance, Coherence Horizon, plots.
 
 Report keys (DESIGN.md): {"nestlm_version", "checkpoint", "generator_version", "config_hash",
-"envs": {ENV: {"horizons": {"H": {"accuracy", "ci95", "n_probes", "chance"}}, "coherence_horizon",
+"envs": {ENV: {"horizons": {"H": {"accuracy", "ci95", "n_probes", "chance", "baseline"}},
+"by_lag": {"1-10": {"accuracy", "n_probes", "baseline"}, ...}, "coherence_horizon",
 "tokens_per_step"}}, "coherence_horizon", "seconds", "peak_rss_mb"}, plus extra keys.
 """
 
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from nestlm.envs.baselines import best_baseline
 from nestlm.eval.scoring import EpisodeScore
 
 LAG_BUCKETS = ((1, 10), (10, 100), (100, 1000), (1000, 10_000), (10_000, None))
@@ -54,44 +56,71 @@ def bootstrap_ci(
     return (float(lo), float(hi))
 
 
-def _bucket(lag: int) -> str:
+def lag_bucket(lag: int) -> str:
+    """The `by_lag` key of a lag in steps: "1-10", "10-100", ..., "10000+"."""
     for lo, hi in LAG_BUCKETS:
-        if hi is None or lag < hi:
-            return f"{lo}-{hi}" if hi else f">={lo}"
+        if hi is None:
+            return f"{lo}+"
+        if lag < hi:
+            return f"{lo}-{hi}"
     raise AssertionError
+
+
+def grouped(labels: Sequence[str], scores: list[EpisodeScore]) -> dict[str, dict]:
+    """Accuracy, probe count and best heuristic baseline per label (one label per probe, pooled)."""
+    correct = [c for s in scores for c in s.correct]
+    kinds = [k for s in scores for k in s.kinds]
+    base = [b for s in scores for b in s.baselines]
+    groups: dict[str, list[int]] = {}
+    for i, lab in enumerate(labels):
+        groups.setdefault(lab, []).append(i)
+    return {
+        lab: {
+            "accuracy": sum(correct[i] for i in idx) / len(idx),
+            "n_probes": len(idx),
+            "baseline": best_baseline([kinds[i] for i in idx], [base[i] for i in idx]),
+        }
+        for lab, idx in sorted(groups.items(), key=lambda kv: _label_order(kv[0]))
+    }
+
+
+def _label_order(label: str) -> tuple:
+    head = label.split("-")[0].rstrip("+")
+    return (0, int(head), label) if head.isdigit() else (1, 0, label)
 
 
 def horizon_summary(scores: list[EpisodeScore], seed: int = 0) -> dict:
     """Accuracy at one horizon over episodes (probes of the final 10% of each episode)."""
-    per_ep_c = [sum(s.correct) for s in scores]
-    per_ep_n = [len(s.correct) for s in scores]
+    win = [s.window() for s in scores]
+    per_ep_c = [sum(s.correct) for s in win]
+    per_ep_n = [len(s.correct) for s in win]
     n = sum(per_ep_n)
-    chance = [c for s in scores for c in s.chance]
+    chance = [c for s in win for c in s.chance]
     acc = sum(per_ep_c) / n if n else None
     ci = bootstrap_ci(per_ep_c, per_ep_n, seed=seed) if n else (None, None)
+    kinds = [k for s in win for k in s.kinds]
     out = {
         "accuracy": acc,
         "ci95": list(ci),
         "n_probes": n,
         "chance": float(np.mean(chance)) if chance else None,
+        "baseline": best_baseline(kinds, [b for s in win for b in s.baselines]),
         "n_episodes": len(scores),
     }
     out["accuracy_adjusted"] = adjusted(acc, out["chance"]) if n else None
-    for key, labels in (
-        ("by_kind", [k for s in scores for k in s.kinds]),
-        ("by_lag", [_bucket(g) for s in scores for g in s.lags]),
-    ):
-        flat = [c for s in scores for c in s.correct]
-        groups: dict[str, list[bool]] = {}
-        for lab, c in zip(labels, flat):
-            groups.setdefault(lab, []).append(c)
-        out[key] = {k: {"accuracy": sum(v) / len(v), "n_probes": len(v)} for k, v in sorted(groups.items())}
+    out["by_kind"] = grouped(kinds, win)
+    out["by_lag"] = grouped([lag_bucket(g) for s in win for g in s.lags], win)
     errs = [s.first_error - 1 if s.first_error is not None else s.n_steps for s in scores]
     out["steps_without_error_median"] = float(np.median(errs)) if errs else None
     out["episodes_error_free"] = float(np.mean([s.first_error is None for s in scores])) if scores else None
     out["tokens"] = int(sum(s.n_tokens for s in scores))
     out["seconds"] = float(sum(s.seconds for s in scores))
     return out
+
+
+def lag_summary(scores: list[EpisodeScore]) -> dict[str, dict]:
+    """`by_lag` over every probe of every episode (not only the final windows), with baselines."""
+    return grouped([lag_bucket(g) for s in scores for g in s.lags], scores)
 
 
 def peak_rss_mb() -> float:

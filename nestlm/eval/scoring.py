@@ -11,20 +11,24 @@ An answer counts when every answer token is the argmax given the true history be
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
 from nestlm.envs import Episode, final_window
+from nestlm.envs.baselines import probe_baselines
 from nestlm.envs.tokenizer import get_tokenizer
 
 
 @dataclass
 class EpisodeScore:
-    """Scored probes of one episode (only those in the final 10% window) and closed-loop survival.
+    """Every scored probe of one episode, and closed-loop survival.
 
-    correct / kinds / lags / chance: one entry per probe in the scored window.
+    correct / kinds / lags / chance / baselines / in_window: one entry per probe of the episode, in
+        order; `baselines` holds each in-context heuristic's probability of answering it
+        (nestlm.envs.baselines), `in_window` marks the probes of the final 10% of the steps, which
+        the per-horizon headline scores.
     first_error: first step whose full answer (answer tokens and the closing `[E]`) is not the
         greedy continuation, i.e. where a closed loop feeding back the model's own answers would
         first diverge; None if the whole episode is answered correctly.
@@ -38,9 +42,25 @@ class EpisodeScore:
     kinds: list[str]
     lags: list[int]
     chance: list[float]
+    baselines: list[dict[str, float]]
+    in_window: list[bool]
     first_error: int | None
     seconds: float
     extra: dict = field(default_factory=dict)
+
+    def window(self) -> EpisodeScore:
+        """The same episode with only its final-window probes."""
+        keep = self.in_window
+        pick = lambda xs: [x for x, k in zip(xs, keep) if k]  # noqa: E731
+        return replace(
+            self,
+            correct=pick(self.correct),
+            kinds=pick(self.kinds),
+            lags=pick(self.lags),
+            chance=pick(self.chance),
+            baselines=pick(self.baselines),
+            in_window=[True] * sum(keep),
+        )
 
 
 @torch.no_grad()
@@ -62,14 +82,9 @@ def stream_argmax(model, tokens: list[int] | np.ndarray, chunk_size: int = 2048,
 
 
 def score_predictions(ep: Episode, preds: np.ndarray) -> tuple[list[bool], int | None]:
-    """Per scored-window probe: every answer token predicted; and the first step answered wrongly."""
+    """Per probe of the episode: every answer token predicted; and the first step answered wrongly."""
     tokens = np.asarray(ep.tokens)
-    lo = ep.n_steps - final_window(ep.n_steps)
-    correct = [
-        bool(np.all(preds[p.span[0] - 1 : p.span[1] - 1] == tokens[p.span[0] : p.span[1]]))
-        for p in ep.probes
-        if p.step > lo
-    ]
+    correct = [bool(np.all(preds[p.span[0] - 1 : p.span[1] - 1] == tokens[p.span[0] : p.span[1]])) for p in ep.probes]
     first_error = None
     for step in range(1, ep.n_steps + 1):
         _, a, e = ep.step_spans[step]
@@ -84,16 +99,17 @@ def score_episode(model, ep: Episode, chunk_size: int = 2048, device=None) -> Ep
     preds = stream_argmax(model, ep.tokens, chunk_size, device)
     correct, first_error = score_predictions(ep, preds)
     lo = ep.n_steps - final_window(ep.n_steps)
-    window = [p for p in ep.probes if p.step > lo]
     return EpisodeScore(
         env=ep.env,
         n_steps=ep.n_steps,
         seed=ep.seed,
         n_tokens=len(ep.tokens),
         correct=correct,
-        kinds=[p.kind for p in window],
-        lags=[p.lag for p in window],
-        chance=[p.chance for p in window],
+        kinds=[p.kind for p in ep.probes],
+        lags=[p.lag for p in ep.probes],
+        chance=[p.chance for p in ep.probes],
+        baselines=probe_baselines(ep),
+        in_window=[p.step > lo for p in ep.probes],
         first_error=first_error,
         seconds=time.perf_counter() - t0,
     )

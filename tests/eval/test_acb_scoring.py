@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from nestlm.envs import ENVS, final_window, generate_episode
+from nestlm.envs.mqar import VALUES
 from nestlm.envs.tokenizer import get_tokenizer
 from nestlm.eval.bench import REPORT_KEYS, run_benchmark
 from nestlm.eval.cli import main as eval_main
 from nestlm.eval.loading import attention_window, full_attention_layers, load_model
-from nestlm.eval.report import adjusted, bootstrap_ci, coherence_horizon, horizon_summary
+from nestlm.eval.report import adjusted, bootstrap_ci, coherence_horizon, horizon_summary, lag_bucket, lag_summary
 from nestlm.eval.scoring import closed_loop, score_episode, score_predictions, stream_argmax
 from nestlm.models import HybridConfig, HybridLM
 
@@ -63,8 +64,9 @@ def test_recorded_answers_score_one(env):
     model = ScriptedModel(ep.tokens)
     s = score_episode(model, ep, chunk_size=97)  # chunks not aligned to anything
     assert model.max_chunk == 97
-    assert len(s.correct) > 0 and all(s.correct) and s.first_error is None
-    assert len(s.correct) == sum(p.step > 300 - final_window(300) for p in ep.probes)
+    assert len(s.correct) == len(ep.probes) > 0 and all(s.correct) and s.first_error is None
+    assert sum(s.in_window) == sum(p.step > 300 - final_window(300) for p in ep.probes) > 0
+    assert s.window().correct == [True] * sum(s.in_window) and len(s.baselines) == len(ep.probes)
 
 
 @pytest.mark.parametrize("env", list(ENVS))
@@ -72,14 +74,16 @@ def test_constant_answer_scores_chance(env):
     """A model that always gives the same answer (per question kind) scores the chance level."""
     tok = get_tokenizer()
     correct, chance = [], []
-    for seed in range(6):
-        ep = generate_episode(env, 2000, seed, "test")
+    # MQAR's values are fixed per episode, so its independent draws are the pairs: many short episodes
+    n_eps, n_steps = (600, 16) if env == "mqar" else (6, 2000)
+    for seed in range(n_eps):
+        ep = generate_episode(env, n_steps, seed, "test")
         first_room = ep.steps[0].split()[3] if env == "courier" else None
         first_item = ep.steps[0].split()[2] if env == "shell" else None
         constant = {
             "update": "42",
             "query": "42",
-            "recall": "0000",
+            "recall": VALUES[0] if env == "mqar" else "0000",
             "where": first_room or "1",
             "peek": first_item,
             "action": "n",
@@ -91,7 +95,7 @@ def test_constant_answer_scores_chance(env):
             preds[a - 1 : b - 1] = guess if len(guess) == b - a else tok.pad_id
         c, _ = score_predictions(ep, preds)
         correct += c
-        chance += [p.chance for p in ep.probes if p.step > ep.n_steps - final_window(ep.n_steps)]
+        chance += [p.chance for p in ep.probes]
     acc, ch = float(np.mean(correct)), float(np.mean(chance))
     sd = math.sqrt(ch * (1 - ch) / len(correct))
     assert len(correct) > 300
@@ -141,24 +145,42 @@ def test_bootstrap_ci_is_episode_level():
 def test_horizon_summary_pools_probes():
     from nestlm.eval.scoring import EpisodeScore
 
-    mk = lambda c, k: EpisodeScore("ledger", 100, 0, 1000, c, k, [5] * len(c), [0.01] * len(c), None, 1.0)  # noqa: E731
-    s = horizon_summary([mk([True, True, False], ["query"] * 3), mk([False], ["recall"])])
+    def mk(correct, kinds, lags, window, base):
+        n = len(correct)
+        return EpisodeScore("ledger", 100, 0, 1000, correct, kinds, lags, [0.01] * n, base, window, None, 1.0)
+
+    hb = [{"recent": 1.0, "uniform": 0.5}, {"recent": 0.0, "uniform": 0.5}, {"recent": 0.0, "uniform": 0.25}]
+    rb = [{"recent": 0.0, "uniform": 0.5}]
+    a = mk([True, True, False, True], ["query"] * 3 + ["recall"], [3, 30, 300, 5], [True, True, True, False], hb + rb)
+    b = mk([False], ["recall"], [2], [True], rb)
+    s = horizon_summary([a, b])  # the probe outside a's final window is not counted
     assert s["accuracy"] == 0.5 and s["n_probes"] == 4 and s["chance"] == pytest.approx(0.01)
-    assert s["by_kind"] == {"query": {"accuracy": 2 / 3, "n_probes": 3}, "recall": {"accuracy": 0.0, "n_probes": 1}}
+    # baselines: per kind the best heuristic (query: uniform 1.25/3 beats recent 1/3; recall: uniform 0.5)
+    assert s["by_kind"]["query"] == {"accuracy": 2 / 3, "n_probes": 3, "baseline": pytest.approx(1.25 / 3)}
+    assert s["by_kind"]["recall"] == {"accuracy": 0.0, "n_probes": 1, "baseline": 0.5}
+    assert s["baseline"] == pytest.approx((1.25 + 0.5) / 4)
+    assert list(s["by_lag"]) == ["1-10", "10-100", "100-1000"]
+    every = lag_summary([a, b])  # every probe, in or out of the window
+    assert every["1-10"]["n_probes"] == 3 and every["1-10"]["accuracy"] == pytest.approx(2 / 3)
+    assert lag_bucket(1) == "1-10" and lag_bucket(10) == "10-100" and lag_bucket(10_000) == "10000+"
 
 
 # --- runner, report, memory ---------------------------------------------------------------------------------
 def test_report_schema():
-    report = run_benchmark(tiny_model(), list(ENVS), [5, 20], {5: 2, 20: 2}, seed=1, progress=False)
+    report = run_benchmark(tiny_model(), [*ENVS, "ledger:1"], [5, 20], {5: 2, 20: 2}, seed=1, progress=False)
     json.dumps(report)  # serialisable, no NaN
     assert set(REPORT_KEYS) <= set(report)
-    for env in ENVS:
+    assert set(report["envs"]) == {*ENVS, "ledger:1"}
+    for env in report["envs"]:
         r = report["envs"][env]
-        assert {"horizons", "coherence_horizon", "tokens_per_step"} <= set(r)
+        assert {"horizons", "coherence_horizon", "tokens_per_step", "by_lag"} <= set(r)
         assert set(r["horizons"]) == {"5", "20"}
         for m in r["horizons"].values():
-            assert {"accuracy", "ci95", "n_probes", "chance"} <= set(m)
+            assert {"accuracy", "ci95", "n_probes", "chance", "baseline"} <= set(m)
             assert m["n_probes"] > 0 and 0 <= m["accuracy"] <= 1 and len(m["ci95"]) == 2
+            assert m["chance"] <= m["baseline"] <= 1
+        assert r["by_lag"] and all({"accuracy", "n_probes", "baseline"} <= set(v) for v in r["by_lag"].values())
+        assert sum(v["n_probes"] for v in r["by_lag"].values()) >= sum(m["n_probes"] for m in r["horizons"].values())
         assert r["coherence_horizon"] in (0, 5, 20)
     assert report["coherence_horizon"] == min(r["coherence_horizon"] for r in report["envs"].values())
     assert report["peak_rss_mb"] > 0 and report["seconds"] > 0
@@ -185,6 +207,17 @@ def test_streaming_state_is_bounded_and_windowed_full_attention():
         assert max(t.shape[1] for n, t in state.flat().items() if n.endswith(".k")) <= 31
     assert (a == b).mean() > 0.999
     assert full_attention_layers(model)[0].window is None  # restored
+
+
+def test_auto_episode_counts_reach_the_ci_target():
+    from nestlm.eval.bench import AUTO, AUTO_PROBES, episodes_at
+
+    eps = list(episodes_at("ledger:1", 20, AUTO, 0, "val"))
+    window = [p for ep in eps for p in ep.probes if p.step > 20 - final_window(20)]
+    assert len(window) >= AUTO_PROBES and len(window) - AUTO_PROBES < 10
+    assert 1.96 * math.sqrt(0.25 / len(window)) <= 0.05  # the half-width of a binomial CI at p = 0.5
+    assert len(list(episodes_at("ledger", 2000, AUTO, 0, "test"))) == 8
+    assert [ep.seed for ep in episodes_at("ledger", 20, 3, 5, "test")] == [5 * 1_000_003 + i for i in range(3)]
 
 
 def test_window_policy_in_report():
