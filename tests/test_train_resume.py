@@ -9,8 +9,9 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
-from train_helpers import cli_env, fit_argv, losses, make_shards, run_cli
+from train_helpers import TINY_OVERRIDES, cli_env, fit_argv, losses, make_shards, run_cli
 
 from nestlm.train.checkpoint import AtomicCheckpointIO
 
@@ -21,15 +22,34 @@ def _raw_steps(run_dir) -> list[int]:
     return [json.loads(ln)["step"] for ln in (run_dir / "losses.jsonl").read_text().splitlines() if ln.strip()]
 
 
-def test_kill9_then_resume_gives_identical_losses(tmp_path):
+# synthetic episodes with a step stage, a gate (min_accuracy 0: it passes at its first check, step 2)
+# and 32-token windows fed as 16-token segments with the recurrent state carried
+CURRICULUM = """data:
+  class_path: nestlm.train.data.SyntheticTrajectories
+  init_args:
+    loss: answers
+    segment_len: 16
+    curriculum:
+      - {envs: [mqar], min_steps: 4, max_steps: 6, gate: {min_accuracy: 0.0, every: 2, episodes: 2}}
+      - {envs: [ledger:1], min_steps: 3, max_steps: 5, until_step: 8}
+      - {envs: [mqar, shell:1], min_steps: 3, max_steps: 6}
+"""
+
+
+@pytest.mark.parametrize("data_kind", ["shards", "curriculum"])
+def test_kill9_then_resume_gives_identical_losses(tmp_path, data_kind):
     data = make_shards(tmp_path)
+    kw = {}
+    if data_kind == "curriculum":
+        (tmp_path / "curriculum.yaml").write_text(CURRICULUM)
+        kw = dict(data=["--config", str(tmp_path / "curriculum.yaml")], overrides=TINY_OVERRIDES.replace("257", "512"))
     ref = tmp_path / "runs" / "ref"
-    run_cli(fit_argv(ref, data, STEPS, logger=False, ckpt_every=EVERY), cwd=tmp_path)
+    run_cli(fit_argv(ref, data, STEPS, logger=False, ckpt_every=EVERY, **kw), cwd=tmp_path)
 
     run = tmp_path / "runs" / "killed"
     kill_at = random.Random().randint(EVERY + 1, STEPS - 3)
     print(f"killing at step {kill_at}")
-    argv = fit_argv(run, data, STEPS, ckpt_every=EVERY)
+    argv = fit_argv(run, data, STEPS, ckpt_every=EVERY, **kw)
     proc = subprocess.Popen(
         [sys.executable, "-m", "nestlm", *argv],
         cwd=tmp_path,
@@ -51,7 +71,7 @@ def test_kill9_then_resume_gives_identical_losses(tmp_path):
     killed_at = max(_raw_steps(run))
     run_id = (run / "wandb_run_id").read_text()
 
-    run_cli(fit_argv(run, data, STEPS, "--ckpt_path", "last", ckpt_every=EVERY), cwd=tmp_path)
+    run_cli(fit_argv(run, data, STEPS, "--ckpt_path", "last", ckpt_every=EVERY, **kw), cwd=tmp_path)
 
     steps = _raw_steps(run)
     first_resumed = steps[killed_at]  # the first entry written by the resumed process
@@ -63,6 +83,9 @@ def test_kill9_then_resume_gives_identical_losses(tmp_path):
     worst = max(abs(a[s] - b[s]) for s in a)
     assert worst <= 1e-6, (worst, a, b)
     assert (run / "wandb_run_id").read_text() == run_id
+    if data_kind == "curriculum":  # the gate passed at its first check, and the checkpoint kept that
+        ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+        assert ckpt["SyntheticTrajectories"] == {"gate_passed": {"0": 2}}
     assert len(list(run.glob(f"wandb/offline-run-*/run-{run_id.strip()}.wandb"))) == 2
 
 

@@ -56,6 +56,8 @@ def fit_argv(
     logger: bool = True,
     ckpt_every: int = 4,
     poison_step: int | None = None,
+    data: list[str] | None = None,
+    overrides: str = TINY_OVERRIDES,
 ) -> list[str]:
     """Arguments of a tiny `nestlm fit` on shards; checkpoints every `ckpt_every` steps (all kept)."""
     more = (
@@ -73,13 +75,10 @@ def fit_argv(
         "--model.preset",
         "transformer",
         "--model.overrides",
-        TINY_OVERRIDES,
+        overrides,
         "--model.warmup_steps",
         "3",
-        "--data.class_path",
-        "nestlm.train.data.TokenShards",
-        "--data.init_args.data_dir",
-        str(data_dir),
+        *(data or ["--data.class_path", "nestlm.train.data.TokenShards", "--data.init_args.data_dir", str(data_dir)]),
         "--data.batch_size",
         "2",
         "--data.seq_len",

@@ -129,6 +129,19 @@ def final_window(n_steps: int) -> int:
     return max(1, n_steps // 10)
 
 
+LAG_BUCKETS = ((1, 10), (10, 100), (100, 1000), (1000, 10_000), (10_000, None))
+
+
+def lag_bucket(lag: int) -> str:
+    """The report's `by_lag` key of a lag in steps: "1-10", "10-100", ..., "10000+"."""
+    for lo, hi in LAG_BUCKETS:
+        if hi is None:
+            return f"{lo}+"
+        if lag < hi:
+            return f"{lo}-{hi}"
+    raise AssertionError
+
+
 def pick_by_lag(rng: random.Random, candidates: list[Any], lags: list[int], step: int) -> Any:
     """Pick the candidate whose lag is closest (in log) to a target drawn log-uniformly from [1, step].
 

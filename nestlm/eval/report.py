@@ -15,10 +15,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from nestlm.envs.base import lag_bucket
 from nestlm.envs.baselines import best_baseline
 from nestlm.eval.scoring import EpisodeScore
-
-LAG_BUCKETS = ((1, 10), (10, 100), (100, 1000), (1000, 10_000), (10_000, None))
 
 
 def adjusted(accuracy: float, chance: float) -> float:
@@ -54,16 +53,6 @@ def bootstrap_ci(
     acc = np.where(tot > 0, c[idx].sum(1) / np.maximum(tot, 1), np.nan)
     lo, hi = np.nanquantile(acc, [(1 - level) / 2, (1 + level) / 2])
     return (float(lo), float(hi))
-
-
-def lag_bucket(lag: int) -> str:
-    """The `by_lag` key of a lag in steps: "1-10", "10-100", ..., "10000+"."""
-    for lo, hi in LAG_BUCKETS:
-        if hi is None:
-            return f"{lo}+"
-        if lag < hi:
-            return f"{lo}-{hi}"
-    raise AssertionError
 
 
 def grouped(labels: Sequence[str], scores: list[EpisodeScore]) -> dict[str, dict]:

@@ -117,7 +117,9 @@ class TrainMetrics(Callback):
 
     Every step (rank 0): {"step", "loss"} appended to <run dir>/losses.jsonl (full precision).
     At fit start (rank 0): run_info.json in the run directory and in the logger's config: git SHA,
-    package versions, parameter counts per layer type, the model config, world size.
+    package versions, parameter counts per layer type, the model config, world size, and for
+    synthetic data the lag distribution of the probes that training covers (`trained_lags`).
+    After each validation (rank 0): one line with the answer accuracy per env and probe kind.
     A non-finite loss or gradient norm raises NonFiniteLossError naming the step, before the
     optimizer step, so no checkpoint ever holds the damaged weights.
     """
@@ -143,6 +145,9 @@ class TrainMetrics(Callback):
             "precision": str(trainer.precision),
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
+        dm = trainer.datamodule
+        if hasattr(dm, "trained_lags"):  # which lags the answer-weighted windows actually train on
+            info["trained_lags"] = dm.trained_lags()
         run_dir = Path(trainer.default_root_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
@@ -155,6 +160,9 @@ class TrainMetrics(Callback):
             f"git {info['git_sha']}; torch {info['packages']['torch']}",
             flush=True,
         )
+        if "trained_lags" in info:
+            lags = ", ".join(f"{k}: {v}" for k, v in info["trained_lags"].items())
+            print(f"nestlm: probes trained on by lag (first 64 windows of each stage): {lags}", flush=True)
 
     # --- per step ------------------------------------------------------------------------------
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -190,6 +198,21 @@ class TrainMetrics(Callback):
             metrics.update(memory_update_norms(pl_module.model, pl_module.last_state))
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero or trainer.sanity_checking:
+            return
+        accs = {
+            k[4:-4]: float(v)
+            for k, v in trainer.callback_metrics.items()
+            if k.startswith("val/") and k.endswith("/acc")
+        }
+        if accs:
+            print(
+                f"nestlm: step {trainer.global_step} val answer accuracy: "
+                + ", ".join(f"{k} {v:.3f}" for k, v in sorted(accs.items())),
+                flush=True,
+            )
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._t_end = None

@@ -159,11 +159,16 @@ class NestCLI(LightningCLI):
                 mode = "offline: `wandb sync " + path + "` uploads it" if lg._offline else "online"
                 lines.append(f"  W&B run     {path} ({mode})")
         if target is not None:
-            lines.append(
-                f"  next        nestlm eval --ckpt {target} --envs ledger,shell,courier "
-                f"--horizons 20,200,2000 --episodes 20 --seed 0 --out {run_dir / 'eval.json'}"
-            )
+            lines.append(f"  next        {eval_command(self.datamodule, target, run_dir)}")
         print("\n".join(lines), flush=True)
+
+
+def eval_command(datamodule, target: Path, run_dir: Path) -> str:
+    """The `nestlm eval` command for a finished run: in distribution (val episodes) on the envs and
+    levels it trained on, or the held-out benchmark for a run on token shards."""
+    envs = datamodule.val_envs() if hasattr(datamodule, "val_envs") else ["ledger", "shell", "courier"]
+    split = "val --horizons 20,200" if hasattr(datamodule, "val_envs") else "test --horizons 20,200,2000"
+    return f"nestlm eval --ckpt {target} --envs {','.join(envs)} --split {split} --seed 0 --out {run_dir / 'eval.json'}"
 
 
 def _finish_wandb() -> None:

@@ -17,13 +17,19 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from nestlm import envs as env_lib
+from nestlm.envs.base import lag_bucket
+from nestlm.envs.tokenizer import get_tokenizer
+
 IGNORE = -100
+DEFAULT_ENVS = ("ledger", "shell", "courier")
 
 
 def batch_rng(seed: int, index: int, rank: int) -> np.random.Generator:
@@ -104,8 +110,9 @@ class _StreamDataModule(L.LightningDataModule):
             self._cache = (w, self.window_batch(w, rank))
         full = self._cache[1]
         sl = slice(s * self.segment_len, (s + 1) * self.segment_len)
-        reset = torch.full((self.batch_size,), s == 0, dtype=torch.bool)
-        return {"input_ids": full["input_ids"][:, sl], "labels": full["labels"][:, sl], "reset": reset}
+        out = {k: v[:, sl] for k, v in full.items()}
+        out["reset"] = torch.full((self.batch_size,), s == 0, dtype=torch.bool)
+        return out
 
     def _start_index(self) -> int:
         if self.trainer is None:
@@ -123,19 +130,56 @@ class _StreamDataModule(L.LightningDataModule):
         return self.val_dataloader()
 
 
-def _stack(rows: Sequence[tuple[np.ndarray, np.ndarray]]) -> dict[str, torch.Tensor]:
-    return {
-        "input_ids": torch.from_numpy(np.stack([r[0] for r in rows])),
-        "labels": torch.from_numpy(np.stack([r[1] for r in rows])),
-    }
+def _stack(rows: Sequence[tuple[np.ndarray, ...]], keys: Sequence[str] = ("input_ids", "labels")) -> dict:
+    return {k: torch.from_numpy(np.stack([r[i] for r in rows])) for i, k in enumerate(keys)}
+
+
+LOSSES = ("answers", "all", "weighted")
+STAGE_KEYS = {"envs", "min_steps", "max_steps", "until_step", "gate"}
+GATE_KEYS = {"min_accuracy", "every", "episodes"}
+
+
+def answer_ids(ep, length: int) -> np.ndarray:
+    """Per target position j of an episode's first `length` + 1 tokens: the number of the probe whose
+    answer holds token j + 1, else -1 (the target is not an answer token). [length] int64."""
+    out = np.full(length, -1, dtype=np.int64)
+    for i, p in enumerate(ep.probes):
+        a, b = p.span
+        out[max(a - 1, 0) : min(b - 1, length)] = i
+    return out
+
+
+def loss_weights(answer: np.ndarray, labels: np.ndarray, loss: str, other_weight: float) -> np.ndarray:
+    """Per-position loss weight: `answers` 1 on answer tokens only, `all` 1 on every labelled token,
+    `weighted` 1 on answer tokens and `other_weight` on the other labelled tokens."""
+    labelled = labels != IGNORE
+    if loss == "all":
+        return labelled.astype(np.float32)
+    other = 0.0 if loss == "answers" else other_weight
+    return np.where(answer >= 0, 1.0, np.where(labelled, other, 0.0)).astype(np.float32)
 
 
 class SyntheticTrajectories(_StreamDataModule):
     """Seeded, infinite agent trajectories from nestlm.envs, the environments mixed.
 
     Each row is one episode of `min_steps..max_steps` agent steps (env, length and episode seed
-    drawn from the batch's generator), cut or padded to `seq_len` tokens. Validation: a fixed set of
-    `val_batches_n` batches from the `val_split` episodes.
+    drawn from the batch's generator), cut or padded to `seq_len` tokens; with `segment_len` it is fed
+    as consecutive windows with the recurrent state carried (truncated BPTT), so episodes longer than
+    one window are trained through. `envs` entries are `ENV` or `ENV:LEVEL` (`ledger:1`).
+
+    Batches hold, besides input_ids and labels, `answer` [B, T] (the probe whose answer each target
+    token belongs to, -1 elsewhere) and `loss_weight` [B, T] from `loss` (`answers`: answer tokens
+    only; `all`: every token; `weighted`: answer tokens 1, the others `other_weight`).
+
+    `curriculum`: a list of stages, each a dict overriding `envs` / `min_steps` / `max_steps`, ended by
+    `until_step: N` (the optimizer step where the next stage starts) and/or `gate: {min_accuracy,
+    every, episodes}` (every `every` steps the model answers `episodes` val episodes of the stage; at
+    or above `min_accuracy` the next stage starts two steps later, so batches already fetched keep
+    their stage). The last stage has no end. Batch k stays a pure function of (seed, k, rank, stage);
+    the gates' decisions are part of the checkpoint (`state_dict`).
+
+    Validation: whole `val_split` episodes (`val_batches_n` batches per env named anywhere in the
+    run, lengths from `min_steps..max_steps` of the last stage), so every probe is scored.
     """
 
     def __init__(
@@ -147,54 +191,195 @@ class SyntheticTrajectories(_StreamDataModule):
         min_steps: int = 20,
         max_steps: int = 200,
         segment_len: int | None = None,
+        loss: str = "all",
+        other_weight: float = 0.1,
+        curriculum: list[dict[str, Any]] | None = None,
         split: str = "train",
         val_split: str = "val",
         val_batches_n: int = 4,
         num_workers: int = 0,
     ) -> None:
         super().__init__(seed, batch_size, seq_len, segment_len, num_workers)
-        from nestlm import envs as env_lib
-        from nestlm.envs.tokenizer import get_tokenizer
-
-        self.envs = list(envs) if envs is not None else list(env_lib.ENVS)
-        unknown = [e for e in self.envs if e not in env_lib.ENVS]
-        if unknown or not self.envs:
+        name = type(self).__name__
+        if loss not in LOSSES:
+            raise ValueError(f"{name}.loss={loss!r} is invalid: expected one of {LOSSES}")
+        if not 0.0 <= other_weight <= 1.0:
+            raise ValueError(f"{name}.other_weight={other_weight!r} is invalid: expected a number in [0, 1]")
+        prev = {
+            "envs": list(envs) if envs is not None else list(DEFAULT_ENVS),
+            "min_steps": min_steps,
+            "max_steps": max_steps,
+        }
+        self.stages: list[dict[str, Any]] = []
+        for i, st in enumerate(curriculum or [{}]):
+            if not isinstance(st, dict) or set(st) - STAGE_KEYS:
+                raise ValueError(
+                    f"{name}.curriculum[{i}]={st!r} is invalid: expected a mapping with keys from {sorted(STAGE_KEYS)}"
+                )
+            prev = self._check_stage(prev, st, f".curriculum[{i}]" if curriculum else "")
+            self.stages.append(prev)
+        self._check_ends(name)
+        if num_workers and any("gate" in st for st in self.stages):
             raise ValueError(
-                f"SyntheticTrajectories.envs={envs!r} is invalid: expected names from {list(env_lib.ENVS)}"
+                f"{name}.num_workers={num_workers} is invalid with curriculum gates: expected 0 "
+                "(a gate's decision must reach the process that makes the batches)"
             )
-        if not 1 <= min_steps <= max_steps:
-            raise ValueError(
-                f"SyntheticTrajectories.min_steps/max_steps={min_steps}/{max_steps} are invalid: "
-                "expected 1 <= min_steps <= max_steps"
-            )
-        self.min_steps, self.max_steps = min_steps, max_steps
+        self.loss, self.other_weight = loss, other_weight
         self.split, self.val_split, self.val_batches_n = split, val_split, val_batches_n
-        self._gen = env_lib.generate_episode
+        self.gate_passed: dict[int, int] = {}  # stage -> optimizer step at which its gate was passed
         tok = get_tokenizer()
         self.pad_id, self.vocab_size = tok.pad_id, tok.vocab_size
 
-    def episode_specs(self, rng: np.random.Generator) -> list[tuple[str, int, int]]:
-        """(env, n_steps, episode seed) of each row, drawn from the batch's generator."""
+    @staticmethod
+    def _check_stage(prev: dict[str, Any], st: dict[str, Any], where: str) -> dict[str, Any]:
+        out = {"envs": prev["envs"], "min_steps": prev["min_steps"], "max_steps": prev["max_steps"], **st}
+        field = f"SyntheticTrajectories{where}"
+        out["envs"] = env_lib.parse_envs(out["envs"], f"{field}.envs")
+        lo, hi = out["min_steps"], out["max_steps"]
+        if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi <= env_lib.MAX_TRAIN_STEPS):
+            raise ValueError(
+                f"{field}.min_steps/max_steps={lo}/{hi} are invalid: expected ints with "
+                f"1 <= min_steps <= max_steps <= {env_lib.MAX_TRAIN_STEPS}"
+            )
+        gate = out.get("gate")
+        if gate is not None:
+            if not isinstance(gate, dict) or set(gate) - GATE_KEYS or "min_accuracy" not in gate:
+                raise ValueError(
+                    f"{field}.gate={gate!r} is invalid: expected a mapping with min_accuracy "
+                    f"(and optionally every, episodes)"
+                )
+            out["gate"] = {"every": 25, "episodes": 64, **gate}
+            if not 0 <= out["gate"]["min_accuracy"] <= 1 or out["gate"]["every"] < 1 or out["gate"]["episodes"] < 1:
+                raise ValueError(
+                    f"{field}.gate={gate!r} is invalid: expected 0 <= min_accuracy <= 1, every >= 1, episodes >= 1"
+                )
+        return out
+
+    def _check_ends(self, name: str) -> None:
+        """Every stage but the last ends (until_step and/or a gate), at increasing until_steps."""
+        ends = [st.get("until_step") for st in self.stages[:-1]]
+        for i, (st, end) in enumerate(zip(self.stages[:-1], ends)):
+            if end is None and "gate" not in st:
+                raise ValueError(f"{name}.curriculum[{i}] is invalid: a stage before the last needs until_step or gate")
+            if end is not None and (not isinstance(end, int) or end < 1):
+                raise ValueError(f"{name}.curriculum[{i}].until_step={end!r} is invalid: expected an int >= 1")
+        known = [e for e in ends if e is not None]
+        if known != sorted(set(known)):
+            raise ValueError(f"{name}.curriculum: until_step values {known} are invalid: expected increasing steps")
+        if "until_step" in self.stages[-1] or "gate" in self.stages[-1]:
+            raise ValueError(f"{name}.curriculum[{len(self.stages) - 1}] is invalid: the last stage has no end")
+
+    # --- curriculum ---------------------------------------------------------------------------
+    def stage_at(self, step: int) -> int:
+        """Curriculum stage of optimizer step `step` (from the stage ends and the gates passed so far)."""
+        stage = 0
+        for i, st in enumerate(self.stages[:-1]):
+            ends = [st["until_step"]] if "until_step" in st else []
+            if i in self.gate_passed:
+                ends.append(self.gate_passed[i] + 2)
+            if not ends or step < min(ends):
+                break
+            stage = i + 1
+        return stage
+
+    def window_stage(self, window: int) -> int:
+        accum = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
+        return self.stage_at(window * self.n_segments // accum)
+
+    def gate_due(self, step: int) -> dict[str, Any] | None:
+        """The gate to evaluate at the start of optimizer step `step`, if any."""
+        stage = self.stage_at(step)
+        gate = self.stages[stage].get("gate")
+        if gate is None or stage in self.gate_passed or step == 0 or step % gate["every"]:
+            return None
+        return gate
+
+    def gate_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
+        """Whole val episodes of the current stage for its gate (fixed per stage, not per step)."""
+        stage = self.stage_at(step)
+        st, n = self.stages[stage], self.stages[stage]["gate"]["episodes"]
+        rng = batch_rng(self.seed + 2_000_003, stage, 0)
+        specs = self.episode_specs(rng, st, n)
+        return [
+            self._episode_batch(specs[i : i + self.batch_size], self.val_split) for i in range(0, n, self.batch_size)
+        ]
+
+    def pass_gate(self, step: int) -> None:
+        self.gate_passed[self.stage_at(step)] = step
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"gate_passed": {str(k): v for k, v in self.gate_passed.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.gate_passed = {int(k): int(v) for k, v in state.get("gate_passed", {}).items()}
+
+    # --- batches ------------------------------------------------------------------------------
+    def episode_specs(self, rng: np.random.Generator, stage: dict[str, Any], n: int) -> list[tuple[str, int, int]]:
+        """(env, n_steps, episode seed) of `n` rows, drawn from the batch's generator."""
         specs = []
-        for _ in range(self.batch_size):
-            env = self.envs[int(rng.integers(len(self.envs)))]
-            n_steps = int(rng.integers(self.min_steps, self.max_steps + 1))
+        envs, lo, hi = stage["envs"], stage["min_steps"], stage["max_steps"]
+        for _ in range(n):
+            env = envs[int(rng.integers(len(envs)))]
+            n_steps = int(rng.integers(lo, hi + 1))
             specs.append((env, n_steps, int(rng.integers(2**31 - 1))))
         return specs
 
-    def _rows(self, rng: np.random.Generator, split: str) -> dict[str, torch.Tensor]:
-        rows = []
-        for env, n_steps, seed in self.episode_specs(rng):
-            ep = self._gen(env, n_steps=n_steps, seed=seed, split=split)
-            rows.append(window_sample(np.asarray(ep.tokens, dtype=np.int64), self.seq_len, self.pad_id, None))
-        return _stack(rows)
+    def _rows(self, specs: list[tuple[str, int, int]], split: str, seq_len: int | None):
+        """Rows (x, y, answer, weight) [seq_len] of the episodes `specs`, and their probe keys
+        ("ENV/kind", one per probe, in the order of the rows' answer numbers)."""
+        rows, keys = [], []
+        eps = [env_lib.generate_episode(env, n, seed, split) for env, n, seed in specs]
+        length = seq_len or max(len(ep.tokens) - 1 for ep in eps)
+        for (env, _, _), ep in zip(specs, eps):
+            x, y = window_sample(np.asarray(ep.tokens, dtype=np.int64), length, self.pad_id, None)
+            ans = answer_ids(ep, length)
+            ans = np.where(ans >= 0, ans + len(keys), -1)
+            keys += [f"{env}/{p.kind}" for p in ep.probes]
+            rows.append((x, y, ans, loss_weights(ans, y, self.loss, self.other_weight)))
+        return rows, keys
+
+    def _episode_batch(self, specs: list[tuple[str, int, int]], split: str, seq_len: int | None = None) -> dict:
+        rows, keys = self._rows(specs, split, seq_len)
+        batch = _stack(rows, ("input_ids", "labels", "answer", "loss_weight"))
+        if seq_len is None:
+            batch["probe_keys"] = keys
+        return batch
 
     def window_batch(self, index: int, rank: int) -> dict[str, torch.Tensor]:
-        return self._rows(batch_rng(self.seed, index, rank), self.split)
+        rng = batch_rng(self.seed, index, rank)
+        stage = self.stages[self.window_stage(index)]
+        return self._episode_batch(self.episode_specs(rng, stage, self.batch_size), self.split, self.seq_len)
+
+    def val_envs(self) -> list[str]:
+        return list(dict.fromkeys(e for st in self.stages for e in st["envs"]))
 
     def val_batches(self) -> list[dict[str, torch.Tensor]]:
         # a fixed set (same on every rank and every run), seeded apart from the training stream
-        return [self._rows(batch_rng(self.seed + 1_000_003, i, 0), self.val_split) for i in range(self.val_batches_n)]
+        last = self.stages[-1]
+        out = []
+        for j, env in enumerate(self.val_envs()):
+            for i in range(self.val_batches_n):
+                rng = batch_rng(self.seed + 1_000_003, i, j)
+                out.append(
+                    self._episode_batch(
+                        self.episode_specs(rng, {**last, "envs": [env]}, self.batch_size), self.val_split
+                    )
+                )
+        return out
+
+    def trained_lags(self, n_windows: int = 64) -> dict[str, int]:
+        """Probes with a nonzero loss weight per lag bucket over the first `n_windows` training
+        windows of each stage: the lags that training actually covers."""
+        counts: dict[str, int] = {}
+        for stage in self.stages:
+            for index in range(n_windows):
+                specs = self.episode_specs(batch_rng(self.seed, index, 0), stage, self.batch_size)
+                for env, n, seed in specs:
+                    ep = env_lib.generate_episode(env, n, seed, self.split)
+                    for p in ep.probes:
+                        if p.span[0] - 1 < self.seq_len:
+                            counts[lag_bucket(p.lag)] = counts.get(lag_bucket(p.lag), 0) + 1
+        return counts
 
 
 class TokenShards(_StreamDataModule):

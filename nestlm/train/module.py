@@ -91,6 +91,32 @@ def _state_from_dict(d: dict[str, Any], device: torch.device) -> State:
     return State(blocks, dict(d["meta"]))
 
 
+@torch.no_grad()
+def answer_scores(logits: torch.Tensor, batch: dict) -> dict[str, tuple[float, float, int]]:
+    """Per probe key ("ENV/kind"): (exact-answer accuracy, mean answer-token loss, probes).
+
+    logits [B, T, V]; batch["answer"] [B, T] numbers the probe each target token answers (-1
+    elsewhere), batch["probe_keys"][i] is probe i's key. An answer counts when every one of its
+    tokens is the argmax, as in `nestlm eval`.
+    """
+    ans, labels = batch["answer"], batch["labels"]
+    sel = ans >= 0
+    if not bool(sel.any()):
+        return {}
+    ids = ans[sel]
+    n = len(batch["probe_keys"])
+    hit = (logits.argmax(-1) == labels)[sel].float()
+    ce = F.cross_entropy(logits[sel].float(), labels[sel], reduction="none")
+    tokens = torch.zeros(n, device=ids.device).index_add_(0, ids, torch.ones_like(hit))
+    wrong = torch.zeros(n, device=ids.device).index_add_(0, ids, 1.0 - hit)
+    loss = torch.zeros(n, device=ids.device).index_add_(0, ids, ce) / tokens.clamp(min=1)
+    correct, present = (wrong == 0) & (tokens > 0), tokens > 0
+    out: dict[str, list[list[float]]] = {}
+    for i in torch.nonzero(present).flatten().tolist():
+        out.setdefault(batch["probe_keys"][i], []).append([float(correct[i]), float(loss[i])])
+    return {k: (sum(c for c, _ in v) / len(v), sum(x for _, x in v) / len(v), len(v)) for k, v in out.items()}
+
+
 class LitHybridLM(L.LightningModule):
     """Next-token training of a HybridLM.
 
@@ -147,11 +173,15 @@ class LitHybridLM(L.LightningModule):
         return self.model(input_ids, state=state)
 
     @staticmethod
-    def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean next-token cross entropy over labelled positions, and their count."""
-        n = (labels != -100).sum()
-        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
-        return loss / n.clamp(min=1), n
+    def loss_fn(
+        logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next-token cross entropy averaged over labelled positions (weighted by `weight` [B, T] when
+        given, e.g. answer tokens only), and the total weight."""
+        ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none")
+        w = (labels != -100).flatten().to(ce.dtype) if weight is None else weight.flatten().to(ce.dtype)
+        n = w.sum()
+        return (ce * w).sum() / n.clamp(min=1e-8), n
 
     def _incoming_state(self, batch: dict[str, torch.Tensor]) -> State | None:
         """The state a batch starts from: carried over, except fresh for rows flagged `reset`."""
@@ -183,26 +213,56 @@ class LitHybridLM(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self(batch["input_ids"], state=self._incoming_state(batch))
-        loss, n = self.loss_fn(out.logits, batch["labels"])
+        loss, n = self.loss_fn(out.logits, batch["labels"], batch.get("loss_weight"))
         check_finite_loss(loss, self.global_step + 1)
         if "reset" in batch:
             self._carry = out.state.detach()
         self.last_state = out.state
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/ppl", torch.exp(loss.detach().clamp(max=30.0)))
+        if "answer" in batch:
+            ans = batch["answer"] >= 0
+            if bool(ans.any()):
+                hit = (out.logits.detach().argmax(-1) == batch["labels"])[ans].float().mean()
+                self.log("train/answer_token_acc", hit, batch_size=int(ans.sum()))
         return loss
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+    def _eval_step(self, batch: dict[str, torch.Tensor], prefix: str) -> None:
         out = self(batch["input_ids"])
-        loss, n = self.loss_fn(out.logits, batch["labels"])
-        self.log("val/loss", loss, prog_bar=True, batch_size=int(n), sync_dist=True)
-        self.log("val/ppl", torch.exp(loss.clamp(max=30.0)), batch_size=int(n), sync_dist=True)
+        loss, n = self.loss_fn(out.logits, batch["labels"], batch.get("loss_weight"))
+        self.log(f"{prefix}/loss", loss, prog_bar=prefix == "val", batch_size=int(n.clamp(min=1)), sync_dist=True)
+        self.log(f"{prefix}/ppl", torch.exp(loss.clamp(max=30.0)), batch_size=int(n.clamp(min=1)), sync_dist=True)
+        if "probe_keys" in batch:
+            for key, (acc, ans_loss, count) in answer_scores(out.logits, batch).items():
+                self.log(f"{prefix}/{key}/acc", acc, batch_size=count, sync_dist=True)
+                self.log(f"{prefix}/{key}/answer_loss", ans_loss, batch_size=count, sync_dist=True)
+
+    def _to_device(self, v):
+        return v.to(self.device) if isinstance(v, torch.Tensor) else v
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        out = self(batch["input_ids"])
-        loss, n = self.loss_fn(out.logits, batch["labels"])
-        self.log("test/loss", loss, batch_size=int(n), sync_dist=True)
-        self.log("test/ppl", torch.exp(loss.clamp(max=30.0)), batch_size=int(n), sync_dist=True)
+        self._eval_step(batch, "test")
+
+    def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        gate = dm.gate_due(self.global_step) if hasattr(dm, "gate_due") else None
+        if gate is not None:
+            # decided before this step trains and before its checkpoint, so a resumed run decides the same
+            with torch.no_grad():
+                batches = [{k: self._to_device(v) for k, v in b.items()} for b in dm.gate_batches(self.global_step)]
+                scores = [answer_scores(self(b["input_ids"]).logits, b) for b in batches]
+            hits = sum(a * c for s in scores for a, _, c in s.values())
+            count = sum(c for s in scores for _, _, c in s.values())
+            acc = hits / max(count, 1)
+            self.log("curriculum/gate_acc", acc, batch_size=1)
+            if acc >= gate["min_accuracy"]:
+                dm.pass_gate(self.global_step)
+        if hasattr(dm, "stage_at"):
+            self.log("curriculum/stage", float(dm.stage_at(self.global_step)), batch_size=1)
+        self._log_flops(batch)
 
     # --- optimisation ---------------------------------------------------------------------
     def lr_factor(self, step: int, total: int) -> float:
@@ -235,7 +295,7 @@ class LitHybridLM(L.LightningModule):
         """Training FLOPs of the latest batch (read by ThroughputMonitor for flops/s and MFU)."""
         return getattr(self, "_last_batch_flops", None)
 
-    def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+    def _log_flops(self, batch: dict[str, torch.Tensor]) -> None:
         from nestlm.train.flops import flops_per_token
 
         b, t = batch["input_ids"].shape
