@@ -113,14 +113,14 @@ def test_synthetic_trajectories_are_seeded_episodes():
     # every row is the start of the episode its spec names; targets are the next tokens or masked
     from nestlm.train.data import batch_rng
 
-    for spec, x, y in zip(dm.episode_specs(batch_rng(3, 4, 0)), a["input_ids"], a["labels"]):
+    for spec, x, y in zip(dm.episode_specs(batch_rng(3, 4, 0), dm.stages[0], 3), a["input_ids"], a["labels"]):
         tokens = envs.generate_episode(spec[0], n_steps=spec[1], seed=spec[2], split="train").tokens
         n = min(len(tokens), 65)
         assert x[: n - 1].tolist() == tokens[: n - 1] and y[: n - 1].tolist() == tokens[1:n]
         assert (y[n - 1 :] == IGNORE).all()
-    kinds = {env for k in range(8) for env, _, _ in dm.episode_specs(batch_rng(3, k, 0))}
-    assert kinds == set(envs.ENVS)
+    kinds = {env for k in range(8) for env, _, _ in dm.episode_specs(batch_rng(3, k, 0), dm.stages[0], 3)}
+    assert kinds == {"ledger", "shell", "courier"}
     val = dm.val_batches()
-    assert len(val) == dm.val_batches_n and torch.equal(val[0]["input_ids"], dm.val_batches()[0]["input_ids"])
+    assert len(val) == 3 * dm.val_batches_n and torch.equal(val[0]["input_ids"], dm.val_batches()[0]["input_ids"])
     with pytest.raises(ValueError, match="envs"):
         SyntheticTrajectories(envs=["chess"])
