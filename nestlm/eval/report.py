@@ -56,8 +56,9 @@ def bootstrap_ci(
 
 
 def grouped(labels: Sequence[str], scores: list[EpisodeScore]) -> dict[str, dict]:
-    """Accuracy, probe count and best heuristic baseline per label (one label per probe, pooled)."""
+    """Accuracy, probe count, mean chance and best heuristic baseline per label (one label per probe)."""
     correct = [c for s in scores for c in s.correct]
+    chance = [c for s in scores for c in s.chance]
     kinds = [k for s in scores for k in s.kinds]
     base = [b for s in scores for b in s.baselines]
     groups: dict[str, list[int]] = {}
@@ -67,6 +68,7 @@ def grouped(labels: Sequence[str], scores: list[EpisodeScore]) -> dict[str, dict
         lab: {
             "accuracy": sum(correct[i] for i in idx) / len(idx),
             "n_probes": len(idx),
+            "chance": sum(chance[i] for i in idx) / len(idx),
             "baseline": best_baseline([kinds[i] for i in idx], [base[i] for i in idx]),
         }
         for lab, idx in sorted(groups.items(), key=lambda kv: _label_order(kv[0]))

@@ -157,8 +157,13 @@ def test_horizon_summary_pools_probes():
     s = horizon_summary([a, b])  # the probe outside a's final window is not counted
     assert s["accuracy"] == 0.5 and s["n_probes"] == 4 and s["chance"] == pytest.approx(0.01)
     # baselines: per kind the best heuristic (query: uniform 1.25/3 beats recent 1/3; recall: uniform 0.5)
-    assert s["by_kind"]["query"] == {"accuracy": 2 / 3, "n_probes": 3, "baseline": pytest.approx(1.25 / 3)}
-    assert s["by_kind"]["recall"] == {"accuracy": 0.0, "n_probes": 1, "baseline": 0.5}
+    assert s["by_kind"]["query"] == {
+        "accuracy": 2 / 3,
+        "n_probes": 3,
+        "chance": pytest.approx(0.01),
+        "baseline": pytest.approx(1.25 / 3),
+    }
+    assert s["by_kind"]["recall"] == {"accuracy": 0.0, "n_probes": 1, "chance": 0.01, "baseline": 0.5}
     assert s["baseline"] == pytest.approx((1.25 + 0.5) / 4)
     assert list(s["by_lag"]) == ["1-10", "10-100", "100-1000"]
     every = lag_summary([a, b])  # every probe, in or out of the window
