@@ -531,7 +531,7 @@ def worker_env(res: Result, args) -> int:
     kernels = bench_kernels()
     res.put(copy_bandwidth_bytes_per_s=kernels.copy_bandwidth(repeats=10))
     n = 8192
-    x = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)  # random, never zeros (METHOD.md)
+    x = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)  # random: a product of zeros runs faster
     w = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     ms = kernels.cuda_time(lambda: x @ w, repeats=10)
     res.put(bf16_matmul_flops_per_s=2 * n**3 / (ms * 1e-3))
@@ -908,6 +908,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="output directory (default: $OUT, else runs/gpu_check)")
     ap.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S, help="the whole run's deadline in seconds")
     args = ap.parse_args(argv)
+    if not args.budget_s > 0:
+        ap.error(f"--budget-s {args.budget_s:g} is invalid: expected a number of seconds > 0")
     out = Path(args.out or os.environ.get("OUT") or ROOT / "runs" / "gpu_check")
     ctx = Ctx(out=out, work=Path(tempfile.gettempdir()) / "nestlm-gpu-check")
     if args.dry_run:
