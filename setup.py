@@ -4,7 +4,7 @@ A plain `pip install -e .` builds nothing here. On a cluster with nvcc and a CUD
 
     NESTLM_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="9.0" pip install --no-build-isolation -e .
 
-compiles nestlm/_memory_scan_C*.so (it registers torch.ops.nestlm_csrc.*), which nestlm.ops._csrc
+compiles nestlm/_memory_scan_C*.so (it registers torch.ops.nestlm_csrc.*), which nestlm.ops.memory.csrc
 loads with torch.ops.load_library before trying a JIT build.
 """
 

@@ -36,8 +36,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from nestlm.ops import _csrc  # noqa: E402
-from nestlm.ops.memory_fused import linear_memory_scan_fused  # noqa: E402
+from nestlm.ops.memory import csrc, linear_memory_scan  # noqa: E402
+from nestlm.ops.memory.common import Scan, linear_memory  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 B, H = 8, 16
@@ -112,16 +112,15 @@ def flops(D: int, L: int) -> dict:
 
 
 def run_kernel(xs, C, backward: bool):
-    y, (W1, S1, A1) = linear_memory_scan_fused(*xs, chunk_size=C, use_kernel=True)
+    _, x = linear_memory(Scan(*xs, None, C, 0, False, None))
+    y, (W1, S1, A1) = csrc.scan(x)
     if backward:
         (y.sum() + W1.sum() + S1.sum()).backward()
     return y
 
 
 def run_torch_path(xs, C, backward: bool):
-    from nestlm.ops import memory
-
-    y, (W1, S1, A1) = memory.linear_memory_scan(*xs, chunk_size=C)
+    y, (W1, S1, A1) = linear_memory_scan(*xs, chunk_size=C)
     if backward:
         (y.sum() + W1.sum() + S1.sum()).backward()
     return y
@@ -260,7 +259,7 @@ def main() -> int:
             "bench/kernels.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing measured.", file=sys.stderr
         )
         return 2
-    if _csrc.load() is None:
+    if csrc.load() is None:
         print("the csrc extension could not be built or loaded (see the log above); nothing measured.", file=sys.stderr)
         return 2
     dtype = getattr(torch, args.dtype)

@@ -24,6 +24,7 @@ loops linear in L; the run records the setting. Without it the process runs with
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -32,13 +33,17 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import nestlm.layers.cms  # noqa: E402
+import nestlm.layers.memory  # noqa: E402
 from nestlm.layers.memory import NeuralMemory  # noqa: E402
+from nestlm.ops import cms_scan_ref, linear_memory_scan_ref, mlp_memory_scan_ref  # noqa: E402
 
 D_MODEL, HEADS, HEAD_DIM, CHUNK = 256, 4, 64, 16
 
@@ -52,18 +57,29 @@ def set_mmap_threshold(nbytes: int) -> None:
         raise SystemExit(f"--mmap-threshold {nbytes}: mallopt failed (glibc only)")
 
 
-def make_layers(impl: str) -> dict[str, torch.nn.Module]:
-    """The layers compared chunked vs token loop, all at d_model=256."""
-    layers = {
-        "NeuralMemory(depth=2)": NeuralMemory(D_MODEL, HEADS, HEAD_DIM, depth=2, chunk_size=CHUNK, impl=impl),
-        "NeuralMemory(depth=1)": NeuralMemory(D_MODEL, HEADS, HEAD_DIM, depth=1, chunk_size=CHUNK, impl=impl),
-    }
-    try:
-        from nestlm.layers.cms import CMS
+def reference_ops() -> contextlib.ExitStack:
+    """NeuralMemory and CMS on their token-loop reference ops, as a context (the layers call their
+    op by its module-level name, so swapping that name swaps the path)."""
+    stack = contextlib.ExitStack()
+    for module, name, ref in (
+        (nestlm.layers.memory, "linear_memory_scan", linear_memory_scan_ref),
+        (nestlm.layers.memory, "mlp_memory_scan", mlp_memory_scan_ref),
+        (nestlm.layers.cms, "cms_scan", cms_scan_ref),
+    ):
+        stack.enter_context(mock.patch.object(module, name, ref))
+    return stack
 
-        layers["CMS(periods=(None,16,64))"] = CMS(D_MODEL, periods=(None, 16, 64), impl=impl)
-    except ImportError:
-        pass
+
+def make_layers(impl: str) -> dict[str, torch.nn.Module]:
+    """The layers compared chunked vs token loop, all at d_model=256. `impl` picks the HOPE mixer's
+    path and the cms_scan op rows'; NeuralMemory and CMS run their token loops under reference_ops()."""
+    layers = {
+        "NeuralMemory(depth=2)": NeuralMemory(D_MODEL, HEADS, HEAD_DIM, depth=2, chunk_size=CHUNK),
+        "NeuralMemory(depth=1)": NeuralMemory(D_MODEL, HEADS, HEAD_DIM, depth=1, chunk_size=CHUNK),
+    }
+    from nestlm.layers.cms import CMS
+
+    layers["CMS(periods=(None,16,64))"] = CMS(D_MODEL, periods=(None, 16, 64))
     for period in (16, 64):  # the op without the MLPs that both CMS paths share
         layers[f"cms_scan op (n=704, d=256, C={period})"] = CMSScanOp(period, impl)
     try:
@@ -99,8 +115,8 @@ class CMSScanOp(torch.nn.Module):
             k = torch.nn.functional.normalize(torch.randn(1, L, self.n, generator=g), dim=-1)
             self.inputs[str(L)] = torch.nn.Parameter(torch.cat((u, k, torch.randn(1, L, self.d, generator=g)), -1))
         u, k, v = self.inputs[str(L)].split((self.n, self.n, self.d), -1)
-        eta = torch.full((1, L), 0.5)
-        y, *_ = self.scan(u, k, v, eta, self.W, torch.zeros_like(self.W), torch.zeros(1, dtype=torch.long), self.period)
+        lr = torch.full((1, L), 0.5)
+        y, *_ = self.scan(u, k, v, lr, self.W, torch.zeros_like(self.W), torch.zeros(1, dtype=torch.long), self.period)
         return y, None
 
 
@@ -186,7 +202,8 @@ def main() -> None:
             rows.append({"layer": name, "impl": "chunked", **r})
             print(f"{name:28s} chunked     L={L:5d} {r['seconds']:8.3f} s {r['tokens_per_s']:9.0f} tok/s", flush=True)
             if L <= (args.ref_max_len if name.startswith("NeuralMemory") else args.other_ref_max_len):
-                r = measure(ref, L, 1, warmup=False)
+                with reference_ops():
+                    r = measure(ref, L, 1, warmup=False)
                 rows.append({"layer": name, "impl": "token-loop", **r})
                 print(
                     f"{name:28s} token-loop  L={L:5d} {r['seconds']:8.3f} s {r['tokens_per_s']:9.0f} tok/s", flush=True

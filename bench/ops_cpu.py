@@ -5,7 +5,7 @@ Ops section: forward + backward (loss = sum(out * w) + sum(state * w'), gradient
 of each fast path and its `*_ref`, fp32, default torch threads, wall and process CPU time:
     selective_scan  b=2, d=256, n=16            (B, C [b, n, l]; D, z, delta_bias, softplus)
     ssd_scan        b=2, h=8, p=32, n=16, g=1, chunk_size 64 (D, z, dt_bias, softplus; the CPU
-                    path tiles by min(chunk_size, nestlm.ops.ssd.CPU_MAX_CHUNK) = 32)
+                    path tiles by min(chunk_size, nestlm.ops.ssd.chunk.CPU_MAX_CHUNK) = 32)
     causal_conv1d   b=2, d=256, w=4             (bias, silu)
 at L in --lengths. The fast path is timed --repeats times (median and best stored); the reference
 --ref-repeats times, once at L >= 4096 (it is slow). Both sides run on the same inputs.

@@ -3,7 +3,7 @@
 // Reverse sweep over segments, one thread block per (batch, head, slice of kRows rows of W). Each
 // segment is recomputed from its saved start state (W0, S0); the carried adjoints dW, dS of the
 // block's rows stay in shared memory for the whole sweep. For a segment with anchor A and
-// incoming dW1, dS1 (see nestlm/ops/memory_fused.py for the derivation):
+// incoming dW1, dS1 (docs/kernels.md gives the forward closed form these differentiate):
 //   r_i = A k_i - v_i,  m1_i = dS1 k_i,  m2_i = dW1 k_i,  gr_i = -2 (a_i m1_i + c_i m2_i)
 //   dv_i = -gr_i,  dq_i = A^T dy_i,  dk_i = A^T gr_i - 2 a_i dS1^T r_i - 2 c_i dW1^T r_i
 //   dA = sum_i dy_i q_i^T + gr_i k_i^T
@@ -11,7 +11,7 @@
 //   dS0 = E dS1 + gamma dW1,  dW0 = B dW1 (+ dA when the anchor is W0)
 // With first_order the inner gradients see a detached anchor: dA keeps only the read term.
 // dq, dk and the gate gradients are sums over rows, so each slice writes its partial sum; the
-// scalar adjoint map (da, dc, dE, dB, dgamma) -> (dtheta, deta, dalpha) is linear, so the slices
+// scalar adjoint map (da, dc, dE, dB, dgamma) -> (dlr, dmomentum, ddecay) is linear, so the slices
 // push their partials through it independently.
 #include "memory_scan_common.cuh"
 

@@ -103,14 +103,14 @@ class Attention(nn.Module):
                 mask = mask & (rel < self.window)
             mask, causal = mask[:, None], False  # broadcast over heads
         scale = 1.0 / math.sqrt(self.head_dim)
-        if (
-            (no_past or fresh)
-            and x.dtype in (torch.float16, torch.bfloat16)
-            and backends.choose("flash_attn", x.device) == "vendor"
-        ):
+        unsupported = None if no_past or fresh else "keys cached from earlier calls"
+        if x.dtype not in (torch.float16, torch.bfloat16):
+            unsupported = "not fp16 / bf16"
+        if backends.choose("flash_attn", x.device, unsupported) == "vendor":
             # keys (i - window, i] for query i: flash-attn's window_size counts keys to the left
             window = (-1, -1) if self.window is None else (self.window - 1, 0)
-            y = backends.vendor_fn("flash_attn")(q, k, v, causal=True, window_size=window, softmax_scale=scale)
+            flash = backends.kernel("flash_attn", "vendor")
+            y = flash(q, k, v, causal=True, window_size=window, softmax_scale=scale)
         else:
             y = F.scaled_dot_product_attention(
                 q.transpose(1, 2),

@@ -10,8 +10,8 @@ Level l (SwiGLU features u = silu(x W_gate) * (x W_up), fast down projection W [
     x_t   = h_{t, l-1}                    (RMS-normalised for l > 0; the block already normalised l = 0)
     y_t   = u(x_t) W_p                    W_p: fast weights as of the start of t's period
     loss  = 1/2 ||u(x_t K) W - x_t V||^2   local associative loss with learned views K, V [d, d]
-    eta_t = lr * sigmoid(x_t w_lr + b_lr) / (||u(x_t K)||^2 + eps)
-    W    <- W_p - (1/C) sum_{t in period} eta_t grad_W loss_t(W_p)      at the period's end
+    lr_t  = lr * sigmoid(x_t w_lr + b_lr) / (||u(x_t K)||^2 + eps)
+    W    <- W_p - (1/C) sum_{t in period} lr_t grad_W loss_t(W_p)       at the period's end
 
 Why this objective. The paper's level is trained by the LM-loss gradient; that needs a backward
 pass of the whole model inside the forward pass. A local loss keeps the layer self-contained and
@@ -41,15 +41,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nestlm.layers.mlp import swiglu_hidden
 from nestlm.layers.norm import RMSNorm
-from nestlm.ops.cms import cms_scan, cms_scan_ref
-
-
-def state_dtype(dtype: torch.dtype | None) -> torch.dtype:
-    """Recurrent state stays fp32 when activations are half precision."""
-    if dtype is None:
-        return torch.get_default_dtype()
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+from nestlm.ops.cms import cms_scan
+from nestlm.ops.dtypes import state_dtype
 
 
 class CMSLevel(nn.Module):
@@ -93,7 +88,7 @@ class CMSLevel(nn.Module):
         W = self.w_down.to(device=device, dtype=dt).expand(batch_size, -1, -1)
         return {"W": W, "G": torch.zeros_like(W), "pos": torch.zeros(batch_size, dtype=torch.long, device=device)}
 
-    def forward(self, x: torch.Tensor, state: dict | None, ref: bool = False) -> tuple[torch.Tensor, dict]:
+    def forward(self, x: torch.Tensor, state: dict | None) -> tuple[torch.Tensor, dict]:
         x = self.norm(x)
         u = self.features(x)
         if self.period is None:
@@ -104,9 +99,8 @@ class CMSLevel(nn.Module):
         v = self.w_value(x)
         with torch.autocast(x.device.type, enabled=False):
             kf = k.to(state["W"].dtype)
-            eta = self.lr * torch.sigmoid(self.w_lr(x).squeeze(-1).to(kf.dtype)) / (kf.pow(2).sum(-1) + self.eps)
-            scan = cms_scan_ref if ref else cms_scan
-            y, W, G, pos = scan(u, kf, v, eta, state["W"], state["G"], state["pos"], self.period)
+            lr = self.lr * torch.sigmoid(self.w_lr(x).squeeze(-1).to(kf.dtype)) / (kf.pow(2).sum(-1) + self.eps)
+            y, W, G, pos = cms_scan(u, kf, v, lr, state["W"], state["G"], state["pos"], self.period)
         return y.to(x.dtype), {"W": W, "G": G, "pos": pos}
 
 
@@ -114,8 +108,8 @@ class CMS(nn.Module):
     """Continuum Memory System channel mixer. x: [b, t, d_model] -> y: [b, t, d_model].
 
     periods: one entry per level, in chain order; None = an ordinary (slow-only) MLP level.
-    hidden: SwiGLU width of every level. lr: maximal inner step (0 < lr <= 1, see module docstring).
-    `impl="ref"` runs the token-loop reference instead of the chunked path (tests).
+    hidden: SwiGLU width of every level (default: `swiglu_hidden(d_model, ratio)`, as the MLP).
+    lr: maximal inner step (0 < lr <= 1, see module docstring).
     y = h_L - x with h_0 = x, h_l = h_{l-1} + level_l(h_{l-1}) (returned as the sum of the level
     outputs), so the surrounding block adds the residual exactly once.
     """
@@ -130,7 +124,6 @@ class CMS(nn.Module):
         norm_eps: float = 1e-5,
         init_std: float = 0.02,
         out_std: float | None = None,
-        impl: str = "chunked",
     ):
         super().__init__()
         periods = tuple(periods)
@@ -141,10 +134,8 @@ class CMS(nn.Module):
                 raise ValueError(f"CMS: periods={periods!r} must hold positive ints or None")
         if not (0 < lr <= 1):
             raise ValueError(f"CMS: lr={lr!r} must be in (0, 1]")
-        if impl not in ("chunked", "ref"):
-            raise ValueError(f"CMS: impl={impl!r} must be 'chunked' or 'ref'")
-        hidden = hidden or 64 * ((int(ratio * d_model) + 63) // 64)
-        self.periods, self.impl = periods, impl
+        hidden = hidden or swiglu_hidden(d_model, ratio)
+        self.periods = periods
         self.levels = nn.ModuleList(
             CMSLevel(
                 d_model, hidden, p, lr, norm=i > 0, norm_eps=norm_eps, init_std=init_std, out_std=out_std or init_std
@@ -169,7 +160,7 @@ class CMS(nn.Module):
                         f"CMS: state lacks {missing} (expected the state of a CMS with periods={self.periods})"
                     )
                 s = {k: state[f"level{i}.{k}"] for k in ("W", "G", "pos")}
-            y, s = lvl(h, s, ref=self.impl == "ref")
+            y, s = lvl(h, s)
             h, total = h + y, total + y
             new.update({f"level{i}.{k}": v for k, v in s.items()})
         return total, new

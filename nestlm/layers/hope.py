@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nestlm.layers.cms import state_dtype
+from nestlm.ops.dtypes import state_dtype
 from nestlm.ops.hope import l2norm, selfmod_scan, selfmod_scan_ref
 
 

@@ -22,11 +22,7 @@ from torch import nn
 
 from nestlm import ops
 from nestlm.layers.conv import ShortConv
-
-
-def state_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Recurrent states are kept in fp32 (fp64 when the model runs in fp64), never in half precision."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from nestlm.ops.dtypes import state_dtype
 
 
 def init_dt_bias(n: int, dt_min: float, dt_max: float, dt_init_floor: float) -> torch.Tensor:
@@ -96,8 +92,6 @@ class Mamba(nn.Module):
         self._dt_init = (dt_init, dt_scale, dt_min, dt_max, dt_init_floor)
         for p in (self.A_log, self.D, self.dt_proj.bias):
             p._no_weight_decay = True
-        # The model-level initialisation must not overwrite the dt bias (it encodes time scales).
-        self.dt_proj.bias._no_reinit = True
         self.reset_parameters()
 
     @torch.no_grad()

@@ -18,7 +18,8 @@ from torch import nn
 
 from nestlm import ops
 from nestlm.layers.conv import ShortConv
-from nestlm.layers.mamba import init_dt_bias, state_dtype
+from nestlm.layers.mamba import init_dt_bias
+from nestlm.ops.dtypes import state_dtype
 
 
 class GatedRMSNorm(nn.Module):
@@ -128,7 +129,6 @@ class Mamba2(nn.Module):
         self._init_ranges = (A_init_range, dt_min, dt_max, dt_init_floor)
         for p in (self.A_log, self.D, self.dt_bias):
             p._no_weight_decay = True
-        self.dt_bias._no_reinit = True
         self.reset_parameters()
 
     @torch.no_grad()

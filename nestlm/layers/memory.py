@@ -4,13 +4,13 @@ Per head h a small memory M (depth 1: a linear map; depth 2: x + LN(W2 gelu(W1 x
 expansion * head_dim) is trained while the sequence runs, by chunk-anchored mini-batch gradient
 descent with momentum and a forget gate on ||M(k_t) - v_t||^2 (see nestlm.ops.memory):
 
-    q, k, v = SiLU(ShortConv(Linear(x)))            per head; q and k L2-normalised
-    theta_t = max_lr * sigmoid(x w_theta + b)       inner learning rate, per token and head
-    eta_t   = sigmoid(x w_eta + b)                  momentum
-    alpha_t = sigmoid(x w_alpha + b)                forget gate
-    o_t     = M_{W_a}(q_t)                          boundary read: the memory at the start of
-                                                    t's chunk (absolute chunks [jC, (j+1)C))
-    y_t     = o_proj(concat_h o_t * sigmoid(x W_g)) (the gate is optional)
+    q, k, v    = SiLU(ShortConv(Linear(x)))            per head; q and k L2-normalised
+    lr_t       = max_lr * sigmoid(x w_lr + b)          inner learning rate, per token and head
+    momentum_t = sigmoid(x w_momentum + b)             momentum
+    decay_t    = sigmoid(x w_decay + b)                forget gate
+    o_t        = M_{W_a}(q_t)                          boundary read: the memory at the start of
+                                                       t's chunk (absolute chunks [jC, (j+1)C))
+    y_t        = o_proj(concat_h o_t * sigmoid(x W_g)) (the gate is optional)
 
 The initial memory W0 is a learned parameter per head (its momentum starts at 0), and the outer
 loss differentiates through the inner updates into W0, the projections and the gates (second order;
@@ -35,17 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from nestlm.layers.conv import ShortConv
-from nestlm.ops.memory import (
-    linear_memory_scan,
-    linear_memory_scan_ref,
-    mlp_memory_scan,
-    mlp_memory_scan_ref,
-)
-
-
-def _state_dtype(dtype: torch.dtype | None) -> torch.dtype:
-    # the memory is a long product of updates: never keep it in half precision
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from nestlm.ops.dtypes import state_dtype
+from nestlm.ops.memory import linear_memory_scan, mlp_memory_scan
 
 
 class NeuralMemory(nn.Module):
@@ -56,7 +47,7 @@ class NeuralMemory(nn.Module):
         n_heads, head_dim: memory heads and their key/value size (dk = dv = head_dim).
         depth: 1 (linear memory) or 2 (residual MLP memory).
         chunk_size: C, tokens that share one gradient anchor.
-        max_lr: upper bound of the inner learning rate theta.
+        max_lr: upper bound of the inner learning rate lr_t.
         expansion: hidden size of the depth-2 memory, in multiples of head_dim.
         conv_size: short causal conv width in front of q, k, v.
         first_order: cut the second-order path through the inner gradients (faster backward).
@@ -67,9 +58,6 @@ class NeuralMemory(nn.Module):
             one step with C times the curvature, and momentum on top diverges (depth 1 at
             max_lr=0.1, C=16 does at init); the LN inside the depth-2 memory bounds its steps.
     forward(x [b, t, d_model], state=None) -> (y [b, t, d_model], state)
-
-    `impl="ref"` runs the token-loop reference ops instead of the chunked ones (same results; for
-    tests and benchmarks).
     """
 
     def __init__(
@@ -86,7 +74,6 @@ class NeuralMemory(nn.Module):
         gate: bool = True,
         max_grad_norm: float | None = None,
         ln_eps: float = 1e-5,
-        impl: str = "chunked",
     ):
         super().__init__()
         for name, val in (
@@ -111,14 +98,11 @@ class NeuralMemory(nn.Module):
                 f"NeuralMemory max_grad_norm={max_grad_norm!r} is invalid: expected a positive float or None"
             )
         self.first_order, self.max_grad_norm, self.ln_eps = first_order, max_grad_norm, ln_eps
-        if impl not in ("chunked", "ref"):
-            raise ValueError(f"NeuralMemory impl={impl!r} is invalid: expected 'chunked' or 'ref'")
-        self.impl = impl
         inner = n_heads * head_dim
 
         self.qkv_proj = nn.Linear(d_model, 3 * inner, bias=False)
         self.conv = ShortConv(3 * inner, kernel_size=conv_size, activation="silu")
-        self.gate_proj = nn.Linear(d_model, 3 * n_heads)  # theta, eta, alpha logits per head
+        self.gate_proj = nn.Linear(d_model, 3 * n_heads)  # lr, momentum, decay logits per head
         if depth == 1:
             self.W0 = nn.ParameterList([nn.Parameter(torch.empty(n_heads, head_dim, head_dim))])
         else:
@@ -138,7 +122,7 @@ class NeuralMemory(nn.Module):
     def reset_parameters(self) -> None:
         for w in self.W0:
             nn.init.normal_(w, std=1.0 / math.sqrt(w.shape[-1]))
-        # start with theta = max_lr / 2, eta ~ 0.9 and alpha ~ 0.01: a memory that keeps most of
+        # start with lr = max_lr / 2, momentum ~ 0.9 and decay ~ 0.01: a memory that keeps most of
         # its content over a few hundred tokens
         nn.init.normal_(self.gate_proj.weight, std=0.02)
         bias = self.gate_proj.bias.view(3, self.n_heads)
@@ -164,7 +148,7 @@ class NeuralMemory(nn.Module):
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> dict[str, torch.Tensor]:
         """Fresh state: W = W_anchor = W0 (learned, differentiable), S = 0, pos = 0, empty conv history."""
-        sdt = _state_dtype(dtype)
+        sdt = state_dtype(dtype)
         device = device if device is not None else self.W0[0].device
         state = {}
         for i, w in zip(self._weight_names(), self.W0):
@@ -205,51 +189,22 @@ class NeuralMemory(nn.Module):
         qkv, conv_state = self.conv(self.qkv_proj(x), {"conv": state["conv"]})
         q, k, v = qkv.view(b, t, 3, h, d).unbind(2)
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-        theta, eta, alpha = torch.sigmoid(self.gate_proj(x).to(_state_dtype(x.dtype))).view(b, t, 3, h).unbind(2)
-        theta = theta * self.max_lr
+        gates = torch.sigmoid(self.gate_proj(x).to(state_dtype(x.dtype))).view(b, t, 3, h)
+        lr, momentum, decay = gates.unbind(2)
+        lr = lr * self.max_lr
 
         names = self._weight_names()
         W = tuple(state[f"W.{i}"] for i in names)
         S = tuple(state[f"S.{i}"] for i in names)
         Wa = tuple(state[f"W_anchor.{i}"] for i in names)
+        inputs = (q, k, v, lr, momentum, decay)
+        opts = dict(chunk_size=self.chunk_size, offset=offset, first_order=self.first_order)
+        opts["max_grad_norm"] = self.max_grad_norm
         if self.depth == 1:
-            scan = linear_memory_scan_ref if self.impl == "ref" else linear_memory_scan
-            o, (W, S, Wa) = scan(
-                q,
-                k,
-                v,
-                theta,
-                eta,
-                alpha,
-                W[0],
-                S[0],
-                Wa[0],
-                chunk_size=self.chunk_size,
-                offset=offset,
-                first_order=self.first_order,
-                max_grad_norm=self.max_grad_norm,
-            )
+            o, (W, S, Wa) = linear_memory_scan(*inputs, W[0], S[0], Wa[0], **opts)
             W, S, Wa = (W,), (S,), (Wa,)
         else:
-            scan = mlp_memory_scan_ref if self.impl == "ref" else mlp_memory_scan
-            o, (W, S, Wa) = scan(
-                q,
-                k,
-                v,
-                theta,
-                eta,
-                alpha,
-                W,
-                S,
-                Wa,
-                self.ln_weight,
-                self.ln_bias,
-                chunk_size=self.chunk_size,
-                offset=offset,
-                first_order=self.first_order,
-                max_grad_norm=self.max_grad_norm,
-                eps=self.ln_eps,
-            )
+            o, (W, S, Wa) = mlp_memory_scan(*inputs, W, S, Wa, self.ln_weight, self.ln_bias, eps=self.ln_eps, **opts)
         o = o.to(x.dtype).reshape(b, t, h * d)
         if self.out_gate is not None:
             o = o * torch.sigmoid(self.out_gate(x))

@@ -1,6 +1,9 @@
-"""Numerics with no nn.Module: scans and convolutions, each beside its token-loop reference.
+"""Numerics with no nn.Module: scans, convolutions and memory updates, one folder per op.
 
-Signatures and semantics follow mamba-ssm / causal-conv1d so either can be swapped in:
+Each folder holds the op's one chunked PyTorch path with the public op (`chunk.py`; `shift.py` for
+the conv), its one token-loop reference `<op>_ref` (`ref.py`), the kernel binding where nestlm has
+its own (`memory/csrc.py`), and what those share (`common.py`). Signatures and semantics follow
+mamba-ssm / causal-conv1d so either can be swapped in:
 
     selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    return_last_state=False, *, initial_state=None)
@@ -9,7 +12,9 @@ Signatures and semantics follow mamba-ssm / causal-conv1d so either can be swapp
     causal_conv1d(x, weight, bias=None, initial_states=None, return_final_states=False,
                   activation=None)
 
-The backend (own kernel, vendor CUDA kernel or chunked PyTorch) is chosen in `nestlm.ops.backends`.
+The backend (own kernel, vendor CUDA kernel or PyTorch) is chosen by `nestlm.ops.backends.choose`;
+the recurrent-state precision by `nestlm.ops.dtypes.state_dtype`; chunks are cut at absolute
+positions by `nestlm.ops._chunks.chunk_pieces`.
 """
 
 from nestlm.ops.cms import cms_scan, cms_scan_ref

@@ -1,15 +1,23 @@
-"""Backend selection for nestlm ops: the only module that imports optional CUDA packages.
+"""Backend choice for every nestlm op and layer: the one dispatcher, and the only module that
+imports optional CUDA packages.
 
-Each op asks `choose(op, device)` which implementation to run. The answer is computed once per
-(op, device type), logged once at INFO on the "nestlm.ops" logger, and cached:
+An op (or a layer calling a kernel, e.g. Attention and flash-attn) asks once per call
 
-    "csrc"    our own compiled kernel, when one is registered for the op (see `register_csrc`)
-    "vendor"  the mamba-ssm / causal-conv1d kernel, for CUDA tensors when the package imports
-    "torch"   the chunked PyTorch path (always available; the only path on CPU)
+    backend = backends.choose(op, device, unsupported=None)    # "csrc" | "vendor" | "torch"
+    fn = backends.kernel(op, backend)                           # the kernel, for "csrc" / "vendor"
 
-`NESTLM_BACKEND=torch` forces the PyTorch path everywhere. Other ops (memory updates, ...) reuse
-`choose`, `register_csrc`, `vendor_fn`, `forced_torch` and `log_once` with their own op names;
-`memory_scan_backend` is the shape-aware choice for the linear memory scan's csrc kernel.
+and runs its PyTorch path for "torch". The choice is, in order of preference:
+
+    "csrc"    our own compiled kernel (csrc/), for CUDA tensors when it is built
+    "vendor"  the mamba-ssm / causal-conv1d / flash-attn kernel, for CUDA tensors when it imports
+    "torch"   the op's PyTorch path (always available; the only path on CPU)
+
+It is computed once per (op, device type), cached, and logged once at INFO on the "nestlm.ops"
+logger. `unsupported` is the caller's reason why no kernel can take *these* inputs (a dtype, a
+shape, an option the kernel lacks); the call then runs on "torch" and the reason is logged once.
+`NESTLM_BACKEND=torch` forces the PyTorch path everywhere (read on every call). An op without an
+entry in KERNELS (e.g. `selfmod_scan`) always gets "torch", so every op can dispatch the same way.
+The token-loop references `<op>_ref` are never dispatched to: tests call them directly.
 """
 
 from __future__ import annotations
@@ -27,50 +35,37 @@ log = logging.getLogger("nestlm.ops")
 BACKENDS = ("csrc", "vendor", "torch")
 _ENV = "NESTLM_BACKEND"
 
+# op -> [(backend, "module:attribute")], most preferred first. A vendor attribute is the kernel
+# itself; a csrc attribute is a loader returning the kernel, or None when it is not built.
+KERNELS: dict[str, list[tuple[str, str]]] = {
+    "linear_memory_scan": [("csrc", "nestlm.ops.memory.csrc:kernel")],
+    "selective_scan": [("vendor", "mamba_ssm.ops.selective_scan_interface:selective_scan_fn")],
+    "ssd_scan": [("vendor", "mamba_ssm.ops.triton.ssd_combined:mamba_chunk_scan_combined")],
+    "causal_conv1d": [("vendor", "causal_conv1d:causal_conv1d_fn")],
+    "flash_attn": [("vendor", "flash_attn:flash_attn_func")],
+}
 
-def _try_import(module: str, attr: str) -> Callable | None:
-    """Import `module.attr`, or return None when the package (or its compiled part) is missing."""
+_loaded: dict[tuple[str, str], Callable | None] = {}  # (op, backend) -> kernel or None
+_choice: dict[tuple[str, str], tuple[str, str]] = {}  # (op, device type) -> (backend, why)
+_logged: set[tuple[str, str, str, str]] = set()
+
+
+def _load(backend: str, spec: str) -> Callable | None:
+    module, attr = spec.split(":")
     try:
-        return getattr(importlib.import_module(module), attr)
+        obj = getattr(importlib.import_module(module), attr)
+        return obj() if backend == "csrc" else obj
     except Exception:  # ImportError, or a broken CUDA build raising OSError/RuntimeError on import
         return None
 
 
-# op name -> (module, attribute) of the vendor kernel; imported lazily, once.
-_VENDOR = {
-    "selective_scan": ("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn"),
-    "ssd_scan": ("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined"),
-    "causal_conv1d": ("causal_conv1d", "causal_conv1d_fn"),
-    "flash_attn": ("flash_attn", "flash_attn_func"),
-    "fla_chunk_gla": ("fla.ops.gla", "chunk_gla"),
-}
-_vendor_cache: dict[str, Callable | None] = {}
-_csrc: dict[str, Callable] = {}
-_choice: dict[tuple[str, str, str | None], str] = {}
-
-
-def vendor_fn(op: str) -> Callable | None:
-    """The vendor kernel for `op` (e.g. mamba-ssm's selective_scan_fn), or None if not importable."""
-    if op not in _vendor_cache:
-        spec = _VENDOR.get(op)
-        _vendor_cache[op] = _try_import(*spec) if spec is not None else None
-    return _vendor_cache[op]
-
-
-def register_csrc(op: str, fn: Callable) -> None:
-    """Register our own compiled kernel for `op` (used for CUDA tensors); clears cached choices."""
-    _csrc[op] = fn
-    for key in [k for k in _choice if k[0] == op]:
-        del _choice[key]
-
-
-def csrc_fn(op: str) -> Callable | None:
-    return _csrc.get(op)
-
-
-def forced_torch() -> bool:
-    """True when NESTLM_BACKEND=torch forces the PyTorch paths."""
-    return forced() == "torch"
+def kernel(op: str, backend: str) -> Callable | None:
+    """The `backend` kernel of `op` ("csrc" or "vendor"), imported once; None if unavailable."""
+    key = (op, backend)
+    if key not in _loaded:
+        spec = dict(KERNELS.get(op, [])).get(backend)
+        _loaded[key] = None if spec is None else _load(backend, spec)
+    return _loaded[key]
 
 
 def forced() -> str | None:
@@ -83,34 +78,45 @@ def forced() -> str | None:
     return value
 
 
-def choose(op: str, device: torch.device | str) -> str:
-    """Pick the backend for `op` on `device` ("csrc", "vendor" or "torch"); cached and logged once.
+def _log_once(op: str, dev_type: str, backend: str, why: str) -> None:
+    key = (op, dev_type, backend, why)
+    if key not in _logged:
+        _logged.add(key)
+        log.info("nestlm.ops: %s on %s -> %s (%s)", op, dev_type, backend, why)
 
-    NESTLM_BACKEND is read on every call, so setting it takes effect at once; the automatic choice
-    is made once per (op, device type).
+
+def _automatic(op: str, dev_type: str) -> tuple[str, str]:
+    if dev_type == "cuda":
+        for backend, spec in KERNELS.get(op, []):
+            if kernel(op, backend) is not None:
+                return backend, spec.replace(":", ".")
+        if op in KERNELS:
+            return "torch", "PyTorch path; no CUDA kernel importable"
+    return "torch", "PyTorch path"
+
+
+def choose(op: str, device: torch.device | str, unsupported: str | None = None) -> str:
+    """The backend that runs `op` on `device`: "csrc", "vendor" or "torch" (see the module doc).
+
+    unsupported: why no kernel can take this call's inputs (None: nothing stands in the way).
     """
     dev_type = torch.device(device).type
-    force = forced()
-    key = (op, dev_type, force)
-    if key in _choice:
-        return _choice[key]
-    if force is not None:
-        choice, why = force, f"forced by {_ENV}"
-    elif dev_type == "cuda" and csrc_fn(op) is not None:
-        choice, why = "csrc", "nestlm compiled kernel"
-    elif dev_type == "cuda" and vendor_fn(op) is not None:
-        spec = _VENDOR[op]
-        choice, why = "vendor", f"{spec[0]}.{spec[1]}"
-    else:
-        choice = "torch"
-        why = "chunked PyTorch path" + ("" if dev_type != "cuda" else "; no CUDA kernel importable")
-    _choice[key] = choice
-    log.info("nestlm.ops: %s on %s -> %s (%s)", op, dev_type, choice, why)
-    return choice
+    if forced() is not None:
+        _log_once(op, dev_type, "torch", f"forced by {_ENV}")
+        return "torch"
+    key = (op, dev_type)
+    if key not in _choice:
+        _choice[key] = _automatic(op, dev_type)
+    backend, why = _choice[key]
+    if backend != "torch" and unsupported is not None:
+        backend, why = "torch", unsupported
+    _log_once(op, dev_type, backend, why)
+    return backend
 
 
 def reset() -> None:
-    """Forget cached choices and logged lines (tests)."""
+    """Forget loaded kernels, cached choices and logged lines (tests)."""
+    _loaded.clear()
     _choice.clear()
     _logged.clear()
 
@@ -133,38 +139,3 @@ def serial_cpu(device: torch.device, numel: int, limit: int = 1 << 19) -> Iterat
         yield
     finally:
         torch.set_num_threads(prev)
-
-
-def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
-    """fp64 if any input is fp64, else fp32: recurrent state and decays never run in half precision."""
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-_logged: set[tuple[str, str, str]] = set()
-
-
-def log_once(op: str, device: torch.device, choice: str, why: str = "") -> None:
-    """Log an (op, device type, choice) decision at INFO the first time it is made."""
-    key = (op, torch.device(device).type, choice)
-    if key not in _logged:
-        _logged.add(key)
-        log.info("nestlm.ops: %s on %s -> %s%s", op, key[1], choice, f" ({why})" if why else "")
-
-
-def memory_scan_backend(q: torch.Tensor, v: torch.Tensor, chunk_size: int) -> str:
-    """'csrc' (fused CUDA kernel in csrc/) or 'torch' for the linear memory scan on these inputs."""
-    if q.device.type != "cuda":
-        return "torch"
-    if forced_torch():
-        log_once("linear_memory_scan", q.device, "torch", "NESTLM_BACKEND=torch")
-        return "torch"
-    from nestlm.ops import _csrc
-
-    if not _csrc.supports(q, v, chunk_size):
-        log_once("linear_memory_scan", q.device, "torch", "shape not covered by the csrc kernel")
-        return "torch"
-    if not _csrc.available():
-        log_once("linear_memory_scan", q.device, "torch", "csrc kernel not built")
-        return "torch"
-    log_once("linear_memory_scan", q.device, "csrc")
-    return "csrc"

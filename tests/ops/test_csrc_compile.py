@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-CSRC = Path(__file__).resolve().parents[1] / "csrc"
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
 CU_FILES = sorted(CSRC.glob("*.cu"))
 NVCC = shutil.which("nvcc")
 CXX = shutil.which("g++") or shutil.which("c++")
@@ -85,12 +85,18 @@ def test_binding_compiles_against_torch_headers(compiles):
 def test_python_side_never_builds_without_cuda(monkeypatch):
     import torch
 
-    from nestlm.ops import _csrc, backends
+    from nestlm.ops import backends
+    from nestlm.ops.memory import csrc
+    from nestlm.ops.memory.chunk import backend
+    from nestlm.ops.memory.common import Scan, linear_memory
 
-    q = torch.zeros(1, 3, 1, 64)
-    assert backends.memory_scan_backend(q, q, 16) == "torch"
+    q, gate, W = torch.zeros(1, 3, 1, 64), torch.zeros(1, 3, 1), torch.zeros(1, 1, 64, 64)
+    _, x = linear_memory(Scan(q, q, q, gate, gate, gate, W, W, None, 16, 0, False, None))
+    assert backend(x) == "torch"
     if not torch.cuda.is_available():
-        _csrc.load.cache_clear()
-        assert _csrc.load() is None
+        csrc.load.cache_clear()
+        assert csrc.load() is None
+        backends.reset()
+        assert backends.choose("linear_memory_scan", "cuda") == "torch"  # nothing built, nothing to run
     monkeypatch.setenv("NESTLM_BACKEND", "torch")
-    assert backends.forced_torch()
+    assert backends.forced() == "torch"

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nestlm.ops import selective_scan, selective_scan_ref
-from nestlm.ops.selective_scan import _selective_scan_torch
+from nestlm.ops.selective_scan.chunk import _selective_scan_torch
 
 F64 = torch.float64
 

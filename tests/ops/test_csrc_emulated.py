@@ -14,8 +14,8 @@ import pytest
 import torch
 from memory_scan_ref import linear_memory_scan_loop, random_inputs
 
-ROOT = Path(__file__).resolve().parents[1]
-EMU = ROOT / "tests" / "csrc_emu"
+ROOT = Path(__file__).resolve().parents[2]
+EMU = Path(__file__).resolve().parent / "csrc_emu"
 SOURCES = [ROOT / "csrc" / "memory_scan_fwd.cu", ROOT / "csrc" / "memory_scan_bwd.cu"]
 CXX = shutil.which("g++")
 NAN = float("nan")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-import nestlm.ops.ssd as ssd
+import nestlm.ops.ssd.chunk as ssd
 from nestlm.ops import ssd_scan, ssd_scan_ref
 
 F64 = torch.float64

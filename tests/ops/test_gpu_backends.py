@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from nestlm.ops import backends, causal_conv1d, selective_scan, ssd_scan
-from nestlm.ops.conv import _conv_torch
-from nestlm.ops.selective_scan import _selective_scan_torch
-from nestlm.ops.ssd import _ssd_torch
+from nestlm.ops.conv.shift import _conv_torch
+from nestlm.ops.selective_scan.chunk import _selective_scan_torch
+from nestlm.ops.ssd.chunk import _ssd_torch
 
 
 @pytest.fixture(autouse=True)
@@ -34,22 +34,41 @@ def test_cpu_uses_torch_and_logs_once(caplog):
 
 
 def test_vendor_chosen_for_cuda_when_importable_and_env_forces_torch(monkeypatch, caplog):
-    monkeypatch.setitem(backends._vendor_cache, "causal_conv1d", lambda *a, **k: None)
+    monkeypatch.setitem(backends._loaded, ("causal_conv1d", "vendor"), lambda *a, **k: None)
     with caplog.at_level(logging.INFO, logger="nestlm.ops"):
         assert backends.choose("causal_conv1d", "cuda") == "vendor"
         assert backends.choose("causal_conv1d", "cuda") == "vendor"
         monkeypatch.setenv("NESTLM_BACKEND", "torch")
         assert backends.choose("causal_conv1d", "cuda") == "torch"
-        assert backends.forced_torch()
+        assert backends.forced() == "torch"
     msgs = [r.getMessage() for r in caplog.records if "causal_conv1d on cuda" in r.getMessage()]
     assert len(msgs) == 2 and "vendor" in msgs[0] and "NESTLM_BACKEND" in msgs[1]
 
 
 def test_own_kernel_takes_precedence(monkeypatch):
-    monkeypatch.setitem(backends._vendor_cache, "ssd_scan", lambda *a, **k: None)
-    monkeypatch.setattr(backends, "_csrc", {"ssd_scan": lambda *a, **k: None})
+    monkeypatch.setitem(backends.KERNELS, "ssd_scan", [("csrc", "own:kernel"), ("vendor", "vendor:kernel")])
+    monkeypatch.setitem(backends._loaded, ("ssd_scan", "vendor"), lambda *a, **k: None)
+    monkeypatch.setitem(backends._loaded, ("ssd_scan", "csrc"), lambda *a, **k: None)
     assert backends.choose("ssd_scan", "cuda") == "csrc"
     assert backends.choose("ssd_scan", "cpu") == "torch"
+
+
+def test_unsupported_inputs_run_torch_and_say_why_once(monkeypatch, caplog):
+    monkeypatch.setitem(backends._loaded, ("selective_scan", "vendor"), lambda *a, **k: None)
+    with caplog.at_level(logging.INFO, logger="nestlm.ops"):
+        assert backends.choose("selective_scan", "cuda") == "vendor"
+        for _ in range(2):
+            assert backends.choose("selective_scan", "cuda", unsupported="initial_state given") == "torch"
+        assert backends.choose("selective_scan", "cuda") == "vendor"
+        assert backends.choose("selective_scan", "cpu", unsupported="initial_state given") == "torch"
+    msgs = [r.getMessage() for r in caplog.records if "selective_scan on cuda" in r.getMessage()]
+    assert len(msgs) == 2 and "vendor" in msgs[0] and "torch (initial_state given)" in msgs[1]
+
+
+def test_op_without_kernels_dispatches_to_torch():
+    assert "selfmod_scan" not in backends.KERNELS
+    assert backends.choose("selfmod_scan", "cuda") == "torch"
+    assert backends.kernel("selfmod_scan", "csrc") is None
 
 
 def test_bad_backend_env_raises(monkeypatch):
@@ -59,7 +78,7 @@ def test_bad_backend_env_raises(monkeypatch):
 
 
 def test_missing_vendor_package_is_none():
-    assert backends.vendor_fn("no_such_op") is None
+    assert backends.kernel("no_such_op", "vendor") is None
     if not torch.cuda.is_available():
         assert backends.choose("selective_scan", "cuda") in ("torch", "vendor")
 
@@ -97,8 +116,8 @@ def test_attention_flash_path_passes_the_window_flash_attn_expects(monkeypatch, 
         calls.append(window_size)
         return _flash_attn_semantics(q, k, v, causal, window_size, softmax_scale)
 
-    monkeypatch.setitem(backends._vendor_cache, "flash_attn", fake)
-    monkeypatch.setitem(backends._choice, ("flash_attn", "cpu", None), "vendor")
+    monkeypatch.setitem(backends._loaded, ("flash_attn", "vendor"), fake)
+    monkeypatch.setitem(backends._choice, ("flash_attn", "cpu"), ("vendor", "stand-in"))
     y_flash, _ = attn(x)
     assert calls == [(-1, -1) if window is None else (window - 1, 0)]
     assert (y_flash.float() - y_sdpa.float()).abs().max() < 2e-2
@@ -128,7 +147,7 @@ def _check_close(a, b, dtype, what):
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_selective_scan_vendor_vs_torch(dtype):
-    if backends.vendor_fn("selective_scan") is None:
+    if backends.kernel("selective_scan", "vendor") is None:
         pytest.skip("mamba-ssm not importable")
     torch.manual_seed(0)
     b, d, n, L = 2, 64, 16, 300
@@ -152,7 +171,7 @@ def test_selective_scan_vendor_vs_torch(dtype):
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_ssd_vendor_vs_torch(dtype):
-    if backends.vendor_fn("ssd_scan") is None:
+    if backends.kernel("ssd_scan", "vendor") is None:
         pytest.skip("mamba-ssm not importable")
     torch.manual_seed(0)
     b, L, h, p, g, n, dev = 2, 300, 8, 32, 2, 16, "cuda"
@@ -177,7 +196,7 @@ def test_ssd_vendor_vs_torch(dtype):
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_causal_conv1d_vendor_vs_torch(dtype):
-    if backends.vendor_fn("causal_conv1d") is None:
+    if backends.kernel("causal_conv1d", "vendor") is None:
         pytest.skip("causal-conv1d not importable")
     torch.manual_seed(0)
     b, d, L, w, dev = 2, 64, 300, 4, "cuda"
@@ -208,7 +227,7 @@ def test_env_forces_torch_on_cuda(monkeypatch):
 @needs_cuda
 @pytest.mark.parametrize("window", [None, 64])
 def test_attention_flash_attn_vs_sdpa(monkeypatch, window):
-    if backends.vendor_fn("flash_attn") is None:
+    if backends.kernel("flash_attn", "vendor") is None:
         pytest.skip("flash-attn not importable")
     from nestlm.layers.attention import Attention
 

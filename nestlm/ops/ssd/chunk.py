@@ -1,22 +1,4 @@
-"""Mamba-2 state-space duality (SSD) scan: the chunked algorithm and its token-loop reference.
-
-Per head h with scalar decay A[h] < 0 and state S [p, n]:
-
-    dt_t = softplus(dt_t + dt_bias)          (bias / softplus optional)
-    S_t  = exp(dt_t * A) * S_{t-1} + dt_t * x_t B_t^T
-    y_t  = S_t C_t + D * x_t,  then  y_t *= silu(z_t)   (z optional)
-
-Same signature and semantics as mamba_ssm.ops.triton.ssd_combined.mamba_chunk_scan_combined.
-B and C are shared by the heads of a group: head i reads group i // (nheads // ngroups).
-
-The chunked algorithm splits time into chunks of `chunk_size` tokens (on CPU at most
-CPU_MAX_CHUNK, see there):
-  1. inside a chunk, outputs are a masked "attention" (C B^T) * L with L[t, s] = exp(sum_{s<r<=t} dt_r A)
-     built from within-chunk cumulative log decays (exp of non-positive numbers only);
-  2. each chunk's own contribution to the state at its end, in one matmul;
-  3. a short loop over chunks carries the state (decay of a whole chunk = exp of its log-decay sum);
-  4. the carried-in state's contribution to every position of the chunk, in one matmul.
-"""
+"""The chunked PyTorch path of the SSD scan (steps 1-4 of nestlm.ops.ssd), and the op."""
 
 from __future__ import annotations
 
@@ -24,54 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from nestlm.ops import backends
-
-
-def _check(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states) -> tuple[int, ...]:
-    if x.dim() != 4:
-        raise ValueError(f"ssd_scan: x must be [batch, seqlen, nheads, headdim], got shape {tuple(x.shape)}")
-    b, length, h, p = x.shape
-    if tuple(dt.shape) != (b, length, h):
-        raise ValueError(f"ssd_scan: dt must be [batch, seqlen, nheads]={(b, length, h)}, got {tuple(dt.shape)}")
-    if tuple(A.shape) != (h,):
-        raise ValueError(f"ssd_scan: A must be [nheads={h}], got shape {tuple(A.shape)}")
-    if B.dim() != 4 or B.shape[:2] != (b, length):
-        raise ValueError(f"ssd_scan: B must be [batch, seqlen, ngroups, dstate], got shape {tuple(B.shape)}")
-    g, n = B.shape[2], B.shape[3]
-    if h % g != 0:
-        raise ValueError(f"ssd_scan: ngroups={g} (B.shape[2]) must divide nheads={h}")
-    if tuple(C.shape) != tuple(B.shape):
-        raise ValueError(f"ssd_scan: C must have B's shape {tuple(B.shape)}, got {tuple(C.shape)}")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"ssd_scan: chunk_size must be a positive int, got {chunk_size!r}")
-    if D is not None and tuple(D.shape) not in ((h,), (h, p)):
-        raise ValueError(f"ssd_scan: D must be [nheads={h}] or [nheads, headdim]={(h, p)}, got {tuple(D.shape)}")
-    if z is not None and tuple(z.shape) != tuple(x.shape):
-        raise ValueError(f"ssd_scan: z must have x's shape {tuple(x.shape)}, got {tuple(z.shape)}")
-    if dt_bias is not None and tuple(dt_bias.shape) != (h,):
-        raise ValueError(f"ssd_scan: dt_bias must be [nheads={h}], got shape {tuple(dt_bias.shape)}")
-    if initial_states is not None and tuple(initial_states.shape) != (b, h, p, n):
-        raise ValueError(
-            f"ssd_scan: initial_states must be [batch, nheads, headdim, dstate]={(b, h, p, n)}, "
-            f"got {tuple(initial_states.shape)}"
-        )
-    return b, length, h, p, g, n
-
-
-def _prepare_dt(dt, dt_bias, dt_softplus, dtype):
-    dt = dt.to(dtype)
-    if dt_bias is not None:
-        dt = dt + dt_bias.to(dtype)
-    return F.softplus(dt) if dt_softplus else dt
-
-
-def _finish(y, x, D, z, out_dtype):
-    """y + D x, gated by silu(z); y, x, z: [b, l, h, p]."""
-    if D is not None:
-        Dx = D.to(y.dtype)
-        y = y + x.to(y.dtype) * (Dx[:, None] if Dx.dim() == 1 else Dx)
-    if z is not None:
-        y = y * F.silu(z.to(y.dtype))
-    return y.to(out_dtype)
+from nestlm.ops.dtypes import state_dtype
+from nestlm.ops.ssd.common import check, finish, prepare_dt
 
 
 class _ChunkedSSD(torch.autograd.Function):
@@ -190,11 +126,11 @@ CPU_MAX_CHUNK = 32
 
 
 def _ssd_torch(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_softplus, return_final_states):
-    b, length, h, p, g, n = _check(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states)
-    cd = backends.compute_dtype(x, dt, A, B, C, initial_states)
+    b, length, h, p, g, n = check(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states)
+    cd = state_dtype(x, dt, A, B, C, initial_states)
     c = min(chunk_size, CPU_MAX_CHUNK) if x.device.type == "cpu" else chunk_size
     pad = max(1, -(-length // c)) * c - length
-    dt_ = _prepare_dt(dt, dt_bias, dt_softplus, cd)
+    dt_ = prepare_dt(dt, dt_bias, dt_softplus, cd)
     # Padded steps have dt = 0: decay 1 and no input, so the state passes through unchanged.
     pad3 = (0, 0, 0, 0, 0, pad)
     xdt = _pad(x.to(cd) * dt_[..., None], pad3)
@@ -207,27 +143,10 @@ def _ssd_torch(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_sof
     with torch.autocast(device_type=x.device.type, enabled=False):
         y, state = _ChunkedSSD.apply(_pad(C.to(cd), pad3), _pad(B.to(cd), pad3), xdt, dt_ * A.to(cd), S0, c)
     y = y[:, :length]
-    out = _finish(y, x, D, z, x.dtype)
+    out = finish(y, x, D, z, x.dtype)
     if not return_final_states:
         return out
     return out, state
-
-
-def _ssd_vendor(fn, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_softplus, return_final_states):
-    return fn(
-        x,
-        dt,
-        A,
-        B,
-        C,
-        chunk_size,
-        D=D,
-        z=z,
-        dt_bias=dt_bias,
-        initial_states=initial_states,
-        dt_softplus=dt_softplus,
-        return_final_states=return_final_states,
-    )
 
 
 def ssd_scan(
@@ -250,45 +169,13 @@ def ssd_scan(
     dt_bias: [h]; initial_states: [b, h, p, n].
     returns y [b, l, h, p] in x's dtype (and final_states [b, h, p, n], fp32 or fp64, when asked).
     `l` need not be a multiple of chunk_size. chunk_size tiles the GPU kernels; the CPU path tiles
-    by min(chunk_size, CPU_MAX_CHUNK) (the result does not depend on the tile).
+    by min(chunk_size, CPU_MAX_CHUNK) (the result does not depend on the tile). On CUDA mamba-ssm's
+    kernel runs when it imports (nestlm.ops.backends).
     """
     args = (x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_softplus, return_final_states)
-    _check(*args[:10])
-    if backends.choose("ssd_scan", x.device) == "vendor" and x.dtype != torch.float64:
-        return _ssd_vendor(backends.vendor_fn("ssd_scan"), *args)
+    check(*args[:10])
+    unsupported = "fp64 inputs" if x.dtype == torch.float64 else None
+    if backends.choose("ssd_scan", x.device, unsupported) == "vendor":
+        kw = dict(D=D, z=z, dt_bias=dt_bias, initial_states=initial_states, dt_softplus=dt_softplus)
+        return backends.kernel("ssd_scan", "vendor")(*args[:6], return_final_states=return_final_states, **kw)
     return _ssd_torch(*args)
-
-
-def ssd_scan_ref(
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    chunk_size: int,
-    D: torch.Tensor | None = None,
-    z: torch.Tensor | None = None,
-    dt_bias: torch.Tensor | None = None,
-    initial_states: torch.Tensor | None = None,
-    dt_softplus: bool = False,
-    return_final_states: bool = False,
-):
-    """Token loop over the recurrence in the module docstring (chunk_size is accepted and unused)."""
-    b, length, h, p, g, n = _check(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states)
-    cd = backends.compute_dtype(x, dt, A, B, C, initial_states)
-    heads_per_group = h // g
-    dt_ = _prepare_dt(dt, dt_bias, dt_softplus, cd)
-    S = x.new_zeros(b, h, p, n, dtype=cd) if initial_states is None else initial_states.to(cd)
-    ys = []
-    steps = zip(x.to(cd).unbind(1), dt_.unbind(1), B.to(cd).unbind(1), C.to(cd).unbind(1))
-    for x_t, dt_t, B_t, C_t in steps:
-        B_t = B_t.repeat_interleave(heads_per_group, dim=1)  # [b, h, n]
-        C_t = C_t.repeat_interleave(heads_per_group, dim=1)
-        decay = torch.exp(dt_t * A.to(cd))  # [b, h]
-        S = decay[:, :, None, None] * S + (dt_t[:, :, None] * x_t)[..., None] * B_t[:, :, None, :]
-        ys.append((S * C_t[:, :, None, :]).sum(-1))  # [b, h, p]
-    y = torch.stack(ys, dim=1) if ys else x.new_zeros(b, 0, h, p, dtype=cd)
-    out = _finish(y, x, D, z, x.dtype)
-    if not return_final_states:
-        return out
-    return out, S

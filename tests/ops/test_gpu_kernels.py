@@ -10,7 +10,10 @@ import pytest
 import torch
 from memory_scan_ref import linear_memory_scan_loop, random_inputs
 
-from nestlm.ops.memory_fused import linear_memory_scan_fused
+from nestlm.ops import backends
+from nestlm.ops.memory import csrc, linear_memory_scan, linear_memory_scan_ref
+from nestlm.ops.memory.chunk import backend
+from nestlm.ops.memory.common import Scan, linear_memory
 
 pytestmark = [
     pytest.mark.gpu,
@@ -23,13 +26,17 @@ NAMES = ["q", "k", "v", "lr", "momentum", "decay", "W", "S", "W_anchor"]
 
 @pytest.fixture(scope="module")
 def ext():
-    from nestlm.ops import _csrc
-
-    mod = _csrc.load()
+    mod = csrc.load()
     assert mod is not None, "the csrc extension failed to build (see the log)"
     mod.set_poison(True)
     yield mod
     mod.set_poison(False)
+
+
+def kernel_scan(q, k, v, lr, mom, dec, W, S, W_anchor=None, chunk_size=16, offset=0, first_order=False):
+    """The csrc kernel itself (what `linear_memory_scan` dispatches to), whatever the dispatcher says."""
+    _, x = linear_memory(Scan(q, k, v, lr, mom, dec, W, S, W_anchor, chunk_size, offset, first_order, None))
+    return csrc.scan(x)
 
 
 def rel(out, ref):
@@ -50,15 +57,10 @@ def check_case(b, L, h, dk, dv, C, offset, dtype, first_order=False):
     anchor_ref = ref_in[8] if needs_anchor else None
     anchor_dev = dev_in[8] if needs_anchor else None
     if first_order:
-        memory = pytest.importorskip("nestlm.ops.memory")
-        y_r, st_r = memory.linear_memory_scan_ref(
-            *ref_in[:8], anchor_ref, chunk_size=C, offset=offset, first_order=True
-        )
+        y_r, st_r = linear_memory_scan_ref(*ref_in[:8], anchor_ref, chunk_size=C, offset=offset, first_order=True)
     else:
         y_r, st_r = linear_memory_scan_loop(*ref_in[:8], anchor_ref, chunk_size=C, offset=offset)
-    y, st = linear_memory_scan_fused(
-        *dev_in[:8], anchor_dev, chunk_size=C, offset=offset, first_order=first_order, use_kernel=True
-    )
+    y, st = kernel_scan(*dev_in[:8], anchor_dev, chunk_size=C, offset=offset, first_order=first_order)
     tol = TOL[dtype]
     errs = {"y": rel(y, y_r)}
     for name, o, r in zip(("W_end", "S_end", "A_end"), st, st_r):
@@ -104,24 +106,12 @@ def test_kernel_streaming_pieces_equal_one_call(ext):
     C = 16
     x = [t.to("cuda", torch.float32) for t in random_inputs(2, 150, 2, 64, 64)]
     q, k, v, lr, mom, dec, W, S, _ = x
-    y_full, (W_full, S_full, _) = linear_memory_scan_fused(q, k, v, lr, mom, dec, W, S, chunk_size=C, use_kernel=True)
+    y_full, (W_full, S_full, _) = kernel_scan(q, k, v, lr, mom, dec, W, S, chunk_size=C)
     ys, A, pos = [], None, 0
     for n in (1, 20, 16, 37, 64, 12):
         sl = slice(pos, pos + n)
-        y, (W, S, A) = linear_memory_scan_fused(
-            q[:, sl],
-            k[:, sl],
-            v[:, sl],
-            lr[:, sl],
-            mom[:, sl],
-            dec[:, sl],
-            W,
-            S,
-            A,
-            chunk_size=C,
-            offset=pos,
-            use_kernel=True,
-        )
+        pieces = [t[:, sl] for t in (q, k, v, lr, mom, dec)]
+        y, (W, S, A) = kernel_scan(*pieces, W, S, A, chunk_size=C, offset=pos % C)
         ys.append(y)
         pos += n
     assert pos == 150
@@ -130,38 +120,42 @@ def test_kernel_streaming_pieces_equal_one_call(ext):
 
 
 def test_dispatch_picks_kernel_and_env_forces_torch(ext, monkeypatch):
-    from nestlm.ops import backends
+    backends.reset()
 
-    q = torch.randn(1, 4, 1, 64, device="cuda")
-    assert backends.memory_scan_backend(q, q, 16) == "csrc"
-    assert backends.memory_scan_backend(torch.randn(1, 4, 1, 48, device="cuda"), q, 16) == "torch"
+    def inputs(dk, first_order=False, max_grad_norm=None):
+        q = torch.randn(1, 4, 1, dk, device="cuda")
+        v, gate, W = torch.randn(1, 4, 1, 64, device="cuda"), q.new_zeros(1, 4, 1), q.new_zeros(1, 1, 64, dk)
+        return linear_memory(Scan(q, q, v, gate, gate, gate, W, W, None, 16, 0, first_order, max_grad_norm))[1]
+
+    assert backend(inputs(64)) == "csrc"
+    assert backend(inputs(48)) == "torch"  # dk not covered
+    assert backend(inputs(64, first_order=True)) == "torch"
+    assert backend(inputs(64, max_grad_norm=1.0)) == "torch"
     monkeypatch.setenv("NESTLM_BACKEND", "torch")
-    assert backends.memory_scan_backend(q, q, 16) == "torch"
+    assert backend(inputs(64)) == "torch"
 
 
 def test_memory_op_on_cuda_runs_the_kernel_and_matches_its_reference(ext):
     first_order = False
-    memory = pytest.importorskip("nestlm.ops.memory")
-    from nestlm.ops import _csrc
 
     x = random_inputs(2, 75, 2, 64, 64)
     C, off = 16, 5
     cpu = [t.clone().requires_grad_(True) for t in x]
     dev = [t.to("cuda", torch.float32).requires_grad_(True) for t in x]
     calls = []
-    real = _csrc.memory_scan_fwd
+    real = csrc.memory_scan_fwd
 
     def spy(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    _csrc.memory_scan_fwd = spy
+    csrc.memory_scan_fwd = spy
     try:
-        y, st = memory.linear_memory_scan(*dev, chunk_size=C, offset=off, first_order=first_order)
+        y, st = linear_memory_scan(*dev, chunk_size=C, offset=off, first_order=first_order)
     finally:
-        _csrc.memory_scan_fwd = real
+        csrc.memory_scan_fwd = real
     assert calls, "linear_memory_scan on CUDA did not reach the csrc kernel"
-    y_r, st_r = memory.linear_memory_scan_ref(*cpu, chunk_size=C, offset=off, first_order=first_order)
+    y_r, st_r = linear_memory_scan_ref(*cpu, chunk_size=C, offset=off, first_order=first_order)
     outs, refs = (y, *st), (y_r, *st_r)
     for o, r in zip(outs, refs):
         assert rel(o, r.detach()) < TOL[torch.float32]

@@ -1,15 +1,4 @@
-"""Depthwise causal 1-D convolution with carried state (the short conv in front of Mamba's scan).
-
-    out[b, d, t] = act(bias[d] + sum_k weight[d, k] * x[b, d, t - (w - 1) + k])
-
-where positions before the start read `initial_states` (zeros when None). Same signature and
-semantics as causal_conv1d.causal_conv1d_fn.
-
-State layout: `initial_states` / `final_states` are [b, d, w - 1] and hold the last w - 1 inputs in
-time order (oldest first), i.e. the final state is the last w - 1 columns of
-cat([initial_states, x], -1), zero-padded on the left when that is shorter than w - 1 (as in the
-reference library). Feeding the final state back as `initial_states` continues the sequence exactly.
-"""
+"""The PyTorch path of the causal conv (w shifted multiply-adds with a hand-written backward), and the op."""
 
 from __future__ import annotations
 
@@ -18,26 +7,7 @@ import torch.nn.functional as F
 
 from nestlm.ops import backends
 from nestlm.ops._layout import channel_last, is_channel_last
-
-_ACTIVATIONS = (None, "silu", "swish")
-
-
-def _check(x, weight, bias, initial_states, activation) -> None:
-    if x.dim() != 3:
-        raise ValueError(f"causal_conv1d: x must be [batch, dim, seqlen], got shape {tuple(x.shape)}")
-    d = x.shape[1]
-    if weight.dim() != 2 or weight.shape[0] != d or weight.shape[1] < 1:
-        raise ValueError(f"causal_conv1d: weight must be [dim={d}, width>=1], got shape {tuple(weight.shape)}")
-    if bias is not None and tuple(bias.shape) != (d,):
-        raise ValueError(f"causal_conv1d: bias must be [dim={d}], got shape {tuple(bias.shape)}")
-    w = weight.shape[1]
-    if initial_states is not None and tuple(initial_states.shape) != (x.shape[0], d, w - 1):
-        raise ValueError(
-            f"causal_conv1d: initial_states must be [batch={x.shape[0]}, dim={d}, width-1={w - 1}], "
-            f"got shape {tuple(initial_states.shape)}"
-        )
-    if activation not in _ACTIVATIONS:
-        raise ValueError(f"causal_conv1d: activation must be one of None, 'silu', 'swish'; got {activation!r}")
+from nestlm.ops.conv.common import check
 
 
 def _final_states(xcat: torch.Tensor, w: int) -> torch.Tensor:
@@ -108,19 +78,13 @@ def _conv_torch(x, weight, bias, initial_states, return_final_states, activation
     return out, _final_states(xcat, w).to(x.dtype).contiguous()
 
 
-def _conv_vendor(fn, x, weight, bias, initial_states, return_final_states, activation):
+def _conv_vendor(x, weight, bias, initial_states, return_final_states, activation):
     if initial_states is not None or return_final_states:
         x = channel_last(x)  # the CUDA kernel takes states only with this layout
         if initial_states is not None:
             initial_states = channel_last(initial_states.to(x.dtype))
-    return fn(
-        x,
-        weight,
-        bias,
-        initial_states=initial_states,
-        return_final_states=return_final_states,
-        activation=activation,
-    )
+    kw = dict(initial_states=initial_states, return_final_states=return_final_states, activation=activation)
+    return backends.kernel("causal_conv1d", "vendor")(x, weight, bias, **kw)
 
 
 def causal_conv1d(
@@ -135,49 +99,12 @@ def causal_conv1d(
 
     x: [b, d, l]; weight: [d, w]; bias: [d]; initial_states: [b, d, w - 1]
     returns out [b, d, l] (and final_states [b, d, w - 1] when return_final_states).
+    On CUDA causal-conv1d's kernel runs when it imports (nestlm.ops.backends).
     """
-    _check(x, weight, bias, initial_states, activation)
-    if (
-        backends.choose("causal_conv1d", x.device) == "vendor"
-        and x.dtype != torch.float64
-        and 2 <= weight.shape[1] <= 4
-    ):
-        return _conv_vendor(
-            backends.vendor_fn("causal_conv1d"),
-            x,
-            weight,
-            bias,
-            initial_states,
-            return_final_states,
-            activation,
-        )
-    return _conv_torch(x, weight, bias, initial_states, return_final_states, activation)
-
-
-def causal_conv1d_ref(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    initial_states: torch.Tensor | None = None,
-    return_final_states: bool = False,
-    activation: str | None = None,
-):
-    """Token loop: keep a window of the last w inputs and take its dot product with the weight."""
-    _check(x, weight, bias, initial_states, activation)
-    b, d, length = x.shape
-    w = weight.shape[1]
-    window = x.new_zeros(b, d, w - 1) if initial_states is None else initial_states.to(x.dtype)
-    outs = []
-    for x_t in x.unbind(-1):
-        window = torch.cat([window, x_t[:, :, None]], dim=-1)  # [b, d, w]
-        y_t = (window * weight).sum(-1)
-        if bias is not None:
-            y_t = y_t + bias
-        if activation is not None:
-            y_t = y_t * torch.sigmoid(y_t)
-        outs.append(y_t)
-        window = window[:, :, 1:]
-    out = torch.stack(outs, dim=-1) if outs else x.new_zeros(b, d, 0)
-    if not return_final_states:
-        return out
-    return out, window
+    check(x, weight, bias, initial_states, activation)
+    unsupported = "fp64 inputs" if x.dtype == torch.float64 else None
+    unsupported = f"width {weight.shape[1]} (the kernel takes 2 to 4)" if not 2 <= weight.shape[1] <= 4 else unsupported
+    args = (x, weight, bias, initial_states, return_final_states, activation)
+    if backends.choose("causal_conv1d", x.device, unsupported) == "vendor":
+        return _conv_vendor(*args)
+    return _conv_torch(*args)
