@@ -174,7 +174,7 @@ def test_pattern_strings():
 def test_preset_yaml_matches_python(name, size):
     from pathlib import Path
 
-    path = Path(__file__).parents[1] / "configs" / "model" / f"{name}-{size}.yaml"
+    path = Path(__file__).parents[2] / "configs" / "model" / f"{name}-{size}.yaml"
     assert HybridConfig(**yaml.safe_load(path.read_text())) == HybridConfig.preset(name, size)
 
 

@@ -13,7 +13,7 @@ from nestlm.train.cli import DEFAULT_CONFIG, run_lightning
 from nestlm.train.export import export
 from nestlm.train.module import LitHybridLM
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
 
 

@@ -14,7 +14,7 @@ from nestlm.models import HybridLM
 from nestlm.train.checkpoint import model_state_dict, read_checkpoint
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def test_gpu_fit_defaults_to_bf16_mixed(tmp_path):

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # a 2-block model that trains in well under a second per step on one CPU core
 TINY_OVERRIDES = "{vocab_size: 257, d_model: 64, n_heads: 2, layers: [attn, swa], window: 24}"
 
@@ -105,7 +105,7 @@ def fit_argv(
 
 def cli_env() -> dict[str, str]:
     env = dict(os.environ)
-    path = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
+    path = os.pathsep.join([str(ROOT), str(Path(__file__).resolve().parent), env.get("PYTHONPATH", "")])
     env.update(PYTHONPATH=path, WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1")
     env.pop("WANDB_API_KEY", None)
     return env
