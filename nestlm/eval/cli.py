@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from nestlm.credentials import has_wandb_credentials
 from nestlm.envs import parse_envs
 from nestlm.eval.bench import AUTO
 
@@ -90,13 +91,6 @@ def build_parser() -> argparse.ArgumentParser:
 def log_wandb(report: dict, info: dict, args: argparse.Namespace) -> str:
     """Log `report` as a W&B eval run grouped with the training run; returns the run's local folder."""
     import wandb
-
-    try:
-        from nestlm.train.logger import has_wandb_credentials
-    except ImportError:  # training extras absent: fall back to the environment variable
-
-        def has_wandb_credentials() -> bool:
-            return bool(os.environ.get("WANDB_API_KEY"))
 
     group = info.get("wandb_run_id") or Path(args.ckpt).resolve().parent.name
     mode = os.environ.get("WANDB_MODE") or ("online" if has_wandb_credentials() else "offline")

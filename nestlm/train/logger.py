@@ -6,7 +6,6 @@ directory) continues the same W&B run; run files go to `<save_dir>/wandb/`.
 
 from __future__ import annotations
 
-import netrc
 import os
 import uuid
 from pathlib import Path
@@ -15,19 +14,9 @@ from typing import Any
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from nestlm.credentials import has_wandb_credentials
+
 RUN_ID_FILE = "wandb_run_id"
-
-
-def has_wandb_credentials() -> bool:
-    """WANDB_API_KEY in the environment or an api.wandb.ai entry in ~/.netrc (or $NETRC)."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    try:
-        rc = netrc.netrc(os.environ.get("NETRC") or None)
-    except (FileNotFoundError, netrc.NetrcParseError, OSError):
-        return False
-    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].rstrip("/")
-    return rc.authenticators(host) is not None
 
 
 def run_id(save_dir: str | os.PathLike) -> str:
