@@ -8,6 +8,7 @@ import torch
 
 from nestlm.envs import generate_episode
 from nestlm.envs.tokenizer import get_tokenizer
+from nestlm.models import next_token_loss
 from nestlm.train.data import IGNORE, SyntheticTrajectories
 
 
@@ -65,13 +66,11 @@ def test_loss_modes():
 
 
 def test_weighted_loss_matches_a_plain_computation():
-    from nestlm.train.module import LitHybridLM
-
     torch.manual_seed(0)
     logits, labels = torch.randn(2, 7, 11), torch.randint(0, 11, (2, 7))
     labels[0, :2] = IGNORE
     w = torch.rand(2, 7) * (labels != IGNORE)
-    loss, n = LitHybridLM.loss_fn(logits, labels, w)
+    loss, n = next_token_loss(logits, labels, w)
     ce = torch.stack(
         [
             -torch.log_softmax(logits[b, t], -1)[labels[b, t]] if labels[b, t] != IGNORE else torch.tensor(0.0)
@@ -80,7 +79,7 @@ def test_weighted_loss_matches_a_plain_computation():
         ]
     ).view(2, 7)
     assert torch.allclose(loss, (ce * w).sum() / w.sum()) and torch.allclose(n, w.sum())
-    plain, count = LitHybridLM.loss_fn(logits, labels)
+    plain, count = next_token_loss(logits, labels)
     assert torch.allclose(plain, ce[labels != IGNORE].mean()) and count == (labels != IGNORE).sum()
 
 

@@ -20,7 +20,7 @@ import torch
 
 import nestlm
 from nestlm import envs as env_lib
-from nestlm.eval.loading import DEFAULT_CONTEXT, attention_window, full_attention_layers
+from nestlm.eval.loading import DEFAULT_CONTEXT
 from nestlm.eval.report import coherence_horizon, finite_or_none, horizon_summary, lag_summary, peak_rss_mb
 from nestlm.eval.scoring import closed_loop, score_episode
 
@@ -63,7 +63,7 @@ def episodes_at(env: str, horizon: int, count: int, seed: int, split: str) -> It
 
 def window_for(model, n_tokens: int, attn_window: str | int | None, trained_context: int | None) -> int | None:
     """Sliding window to impose on the full-attention layers for an episode of `n_tokens` tokens."""
-    if attn_window is None or attn_window == "none" or not full_attention_layers(model):
+    if attn_window is None or attn_window == "none" or not model.full_attention_layers():
         return None
     if attn_window == "auto":
         ctx = trained_context or DEFAULT_CONTEXT
@@ -97,7 +97,7 @@ def run_benchmark(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, unit="ep", desc="acb", dynamic_ncols=True)
-    n_full = len(full_attention_layers(model))
+    n_full = len(model.full_attention_layers())
     report: dict[str, Any] = {
         "nestlm_version": nestlm.__version__,
         "checkpoint": checkpoint,
@@ -129,7 +129,7 @@ def run_benchmark(
             for ep in episodes_at(env, h, episodes[h], seed, split):
                 win = window_for(model, len(ep.tokens), attn_window, trained_context)
                 windows.add(win)
-                with attention_window(model, win), torch.inference_mode():
+                with model.attention_window(win), torch.inference_mode():
                     scores.append(score_episode(model, ep, chunk_size, device))
                 steps += ep.n_steps + 1
                 toks += len(ep.tokens) - 1
@@ -153,7 +153,7 @@ def run_benchmark(
         if closed_loop_eval:
             firsts = []
             for ep, win in last_eps:
-                with attention_window(model, win), torch.inference_mode():
+                with model.attention_window(win), torch.inference_mode():
                     firsts.append(closed_loop(model, ep, device=device))
             survived = [f - 1 if f is not None else ep.n_steps for f, (ep, _) in zip(firsts, last_eps)]
             env_out["closed_loop"] = {

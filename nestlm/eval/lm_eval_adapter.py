@@ -18,7 +18,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
 from nestlm.envs.tokenizer import get_tokenizer
-from nestlm.eval.loading import attention_window, load_model
+from nestlm.eval.loading import load_model
 
 
 class _AcbTok:
@@ -125,18 +125,15 @@ class NestLMEval(TemplateLM):
         x = torch.tensor(ids[:-1], dtype=torch.long, device=self.device_)
         y = torch.tensor(ids[1:], dtype=torch.long, device=self.device_)
         first = len(y) - n_scored  # first scored target index
-        state, total, greedy = None, 0.0, True
-        with attention_window(self.model, self.attn_window), torch.inference_mode():
-            for s in range(0, len(x), self.chunk_size):
-                out = self.model(x[None, s : s + self.chunk_size], state=state)
-                state = out.state
-                lo = max(first - s, 0)
-                if lo >= out.logits.shape[1]:
-                    continue
-                logits = out.logits[0, lo:].float()
-                tgt = y[s + lo : s + out.logits.shape[1]]
-                total += float(F.log_softmax(logits, -1).gather(-1, tgt[:, None]).sum())
-                greedy = greedy and bool((logits.argmax(-1) == tgt).all())
+        s, total, greedy = 0, 0.0, True
+        with self.model.attention_window(self.attn_window), torch.inference_mode():
+            for out in self.model.stream(x[None], self.chunk_size):
+                n, lo = out.logits.shape[1], max(first - s, 0)
+                if lo < n:
+                    logits, tgt = out.logits[0, lo:].float(), y[s + lo : s + n]
+                    total += float(F.log_softmax(logits, -1).gather(-1, tgt[:, None]).sum())
+                    greedy = greedy and bool((logits.argmax(-1) == tgt).all())
+                s += n
         return total, greedy
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
@@ -160,6 +157,15 @@ class NestLMEval(TemplateLM):
             self.cache_hook.add_partial("loglikelihood_rolling", (text,), ll)
         return out
 
+    def _stop(self, until: list[str]):
+        """stop() for generate: the end-of-text token, or a stop string in the decoded text."""
+
+        def stop(new: torch.Tensor) -> bool:
+            toks = new[0].tolist()
+            return toks[-1] == self.eot_token_id or any(u in self.tok_decode(toks) for u in until)
+
+        return stop
+
     @torch.no_grad()
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         out = []
@@ -170,21 +176,11 @@ class NestLMEval(TemplateLM):
             until = [until] if isinstance(until, str) else list(until)
             max_new = int(kwargs.get("max_gen_toks", self.max_gen_toks))
             ids = [self.prefix_token_id] + self.tok_encode(context)
-            x = torch.tensor(ids, dtype=torch.long, device=self.device_)
-            state, new = None, []
-            with attention_window(self.model, self.attn_window), torch.inference_mode():
-                for s in range(0, len(x), self.chunk_size):
-                    res = self.model(x[None, s : s + self.chunk_size], state=state)
-                    state = res.state
-                nxt = int(res.logits[0, -1].argmax())
-                text = ""
-                while len(new) < max_new and nxt != self.eot_token_id:
-                    new.append(nxt)
-                    text = self.tok_decode(new)
-                    if any(u in text for u in until):
-                        break
-                    res = self.model(torch.tensor([[nxt]], device=self.device_), state=state)
-                    state, nxt = res.state, int(res.logits[0, -1].argmax())
+            x = torch.tensor([ids], dtype=torch.long, device=self.device_)
+            with self.model.attention_window(self.attn_window), torch.inference_mode():
+                new, _ = self.model.generate(x, max_new, stop=self._stop(until), chunk_size=self.chunk_size)
+            new = new[0].tolist()
+            text = self.tok_decode(new[:-1] if new and new[-1] == self.eot_token_id else new)
             for u in until:
                 text = text.split(u)[0]
             out.append(text)

@@ -1,4 +1,4 @@
-"""Load a model for evaluation from a Lightning .ckpt or an export folder; attention windows.
+"""Load a model for evaluation from a Lightning .ckpt or an export folder.
 
 A .ckpt written by `nestlm fit` holds the model config (`nestlm_config`, or the module's primitive
 hyperparameters) and the weights under `model.`; an export folder holds config.json +
@@ -109,29 +109,3 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
         info["wandb_run_id"] = (rid.read_text().strip() or None) if rid.is_file() else None
         info["trained_context"] = info["trained_context"] or _context_from_run_config(run_dir)
     return model.to(device).eval(), info
-
-
-def full_attention_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """Attention modules without a window (their KV state grows with the sequence)."""
-    from nestlm.layers.attention import Attention
-
-    return [m for m in model.modules() if isinstance(m, Attention) and m.window is None]
-
-
-class attention_window:
-    """Context manager: give every full-attention layer of `model` a sliding window of `window`
-    tokens (None: leave the model as it is); restores the layers on exit."""
-
-    def __init__(self, model: torch.nn.Module, window: int | None):
-        self.layers = full_attention_layers(model) if window is not None else []
-        self.window = window
-
-    def __enter__(self):
-        for m in self.layers:
-            m.window = self.window
-        return self
-
-    def __exit__(self, *exc):
-        for m in self.layers:
-            m.window = None
-        return False

@@ -1,9 +1,9 @@
 """Scoring a model on episodes: teacher-forced streaming, and the closed loop.
 
-A model is anything with the HybridLM call contract: `out = model(ids [1, t], state=state)` giving
-`out.logits [1, t, V]` and `out.state` to pass to the next call. An episode is fed in chunks with the
-state carried, and only the argmax of each position is kept, so memory stays bounded at any length
-(the logits of one chunk at a time).
+A model is a HybridLM (or anything with its `stream` and `generate`). An episode is fed through
+`model.stream` in chunks with the state carried, and only the argmax of each position is kept, so
+memory stays bounded at any length (the logits of one chunk at a time); the closed loop decodes
+with `model.generate`.
 
 An answer counts when every answer token is the argmax given the true history before it.
 """
@@ -69,15 +69,13 @@ def stream_argmax(model, tokens: list[int] | np.ndarray, chunk_size: int = 2048,
 
     Returns preds [len(tokens)] (int32): preds[i] = argmax of the logits after tokens[: i + 1].
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size!r} is invalid: expected an int >= 1")
     ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64), device=device)
     preds = np.empty(len(ids), dtype=np.int32)
-    for s in range(0, len(ids), chunk_size):
-        out = model(ids[None, s : s + chunk_size], state=state)
-        state = out.state
-        preds[s : s + chunk_size] = out.logits[0].argmax(-1).to(torch.int32).cpu().numpy()
-        del out
+    s = 0
+    for out in model.stream(ids[None], chunk_size, state):
+        n = out.logits.shape[1]
+        preds[s : s + n] = out.logits[0].argmax(-1).to(torch.int32).cpu().numpy()
+        s += n
     return preds
 
 
@@ -115,6 +113,16 @@ def score_episode(model, ep: Episode, chunk_size: int = 2048, device=None) -> Ep
     )
 
 
+def _answer_done(answer: list[int], end_id: int):
+    """stop() for generate: the answer is closed by `end_id`, or has gone wrong (no need to decode more)."""
+
+    def done(new: torch.Tensor) -> bool:
+        got = new[0].tolist()
+        return got[-1] == end_id or got != answer[: len(got)]
+
+    return done
+
+
 @torch.no_grad()
 def closed_loop(model, ep: Episode, max_answer_tokens: int = 12, device=None) -> int | None:
     """Run the episode with the model answering: the environment supplies each step's prompt (up to
@@ -130,16 +138,10 @@ def closed_loop(model, ep: Episode, max_answer_tokens: int = 12, device=None) ->
     state, fed = None, 0  # ids[:fed] are in the state
     for step in range(1, ep.n_steps + 1):
         _, a, e = ep.step_spans[step]
-        out = model(ids[None, fed:a], state=state)  # the previous `[E]` and this step's prompt
-        state, nxt = out.state, int(out.logits[0, -1].argmax())
-        produced = [nxt]
-        while nxt != end_id and len(produced) < max_answer_tokens:
-            if produced != ep.tokens[a : a + len(produced)]:
-                return step  # already wrong: no need to decode the rest of the answer
-            out = model(ids.new_tensor([[nxt]]), state=state)
-            state, nxt = out.state, int(out.logits[0, -1].argmax())
-            produced.append(nxt)
-        if produced != ep.tokens[a:e]:
+        answer = ep.tokens[a:e]
+        # the previous `[E]` and this step's prompt, then the answer; its last token is not fed yet
+        new, state = model.generate(ids[None, fed:a], max_answer_tokens, state=state, stop=_answer_done(answer, end_id))
+        if new[0].tolist() != answer:
             return step
         fed = e - 1  # everything produced but the final `[E]` has been fed
     return None

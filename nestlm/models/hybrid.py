@@ -4,6 +4,9 @@
     model = HybridLM(cfg)
     out = model(input_ids)                       # input_ids [B, T] -> out.logits [B, T, V], out.state
     out2 = model(next_ids, state=out.state)      # streaming continuation == one long call
+    for out in model.stream(ids, chunk_size=2048):   # the same, one chunk per call (bounded memory)
+        ...
+    new, state = model.generate(prompt_ids, max_new_tokens=16)   # greedy decoding with the state
 
 Mixers: attn, swa, mamba, mamba2, memory (Titans), hope; channel mixers: mlp (SwiGLU), cms.
 The recurrent state of every block travels in a nestlm.models.State.
@@ -11,9 +14,11 @@ The recurrent state of every block travels in a nestlm.models.State.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,6 +111,18 @@ def build_channel_mixer(cfg: HybridConfig, name: str, out_std: float) -> nn.Modu
             out_std=out_std,
         )
     raise ValueError(f"unknown channel mixer {name!r}")
+
+
+def next_token_loss(
+    logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None, ignore_index: int = -100
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross entropy (in fp32) of logits [B, T, V] against labels [B, T], averaged over the
+    labelled positions (labels != ignore_index), or weighted by `weight` [B, T] when given (e.g.
+    answer tokens only); and the total weight. 0 when nothing is labelled."""
+    ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=ignore_index, reduction="none")
+    w = (labels != ignore_index).flatten().to(ce.dtype) if weight is None else weight.flatten().to(ce.dtype)
+    n = w.sum()
+    return (ce * w).sum() / n.clamp(min=1e-8), n
 
 
 class Block(nn.Module):
@@ -201,13 +218,23 @@ class HybridLM(nn.Module, PyTorchModelHubMixin, library_name="nestlm", tags=["ne
         logits = self.lm_head(self.norm_f(x))
         return LMOutput(logits, State(new_blocks, state.continued(input_ids.shape[1], self._config_hash)))
 
-    def loss(
-        self, input_ids: torch.Tensor, targets: torch.Tensor, state: State | None = None, ignore_index: int = -100
-    ) -> tuple[torch.Tensor, State]:
-        """Mean next-token cross-entropy of `targets` [B, T] given `input_ids` [B, T]."""
-        out = self(input_ids, state)
-        loss = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)
-        return loss, out.state
+    @torch.no_grad()
+    def stream(
+        self, input_ids: torch.Tensor, chunk_size: int | None = 2048, state: State | None = None
+    ) -> Iterator[LMOutput]:
+        """Feed input_ids [B, T] in consecutive chunks of `chunk_size` tokens (None: one call), the
+        state carried; yield each chunk's LMOutput (logits [B, c, V], state after the chunk).
+
+        By the streaming contract the chunks' logits equal one call's; only one chunk's logits are
+        held at a time, so memory stays bounded at any T. No gradients (evaluation and decoding).
+        """
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"HybridLM.stream: chunk_size={chunk_size!r} is invalid: expected an int >= 1 or None")
+        step = input_ids.shape[1] if chunk_size is None else chunk_size
+        for s in range(0, input_ids.shape[1], max(step, 1)):
+            out = self(input_ids[:, s : s + step], state=state)
+            state = out.state
+            yield out
 
     @torch.no_grad()
     def generate(
@@ -218,15 +245,25 @@ class HybridLM(nn.Module, PyTorchModelHubMixin, library_name="nestlm", tags=["ne
         top_k: int | None = None,
         state: State | None = None,
         generator: torch.Generator | None = None,
+        stop: Callable[[torch.Tensor], bool] | None = None,
+        chunk_size: int | None = None,
     ) -> tuple[torch.Tensor, State]:
-        """Decode with the recurrent state: prefill `input_ids` [B, T], then one token per step.
+        """Decode with the recurrent state: prefill `input_ids` [B, T] (through `stream`, in chunks of
+        `chunk_size`), then one token per step.
 
-        temperature 0 is greedy. Returns (new tokens [B, max_new_tokens], state after the last one fed).
+        temperature 0 is greedy. stop(new) is asked after every step with the tokens so far
+        [B, n]; decoding ends when it returns True (or after max_new_tokens). Returns (new tokens
+        [B, n], state after the last token fed): the last new token is not fed, so a caller
+        continuing the stream feeds it first.
         """
-        out = self(input_ids, state)
-        logits, state = out.logits[:, -1], out.state
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(
+                f"HybridLM.generate: input_ids has shape {tuple(input_ids.shape)}: expected [batch, T >= 1]"
+            )
+        for out in self.stream(input_ids, chunk_size, state):
+            logits, state = out.logits[:, -1], out.state
         new = []
-        for i in range(max_new_tokens):
+        for _ in range(max_new_tokens):
             if temperature <= 0:
                 nxt = logits.argmax(-1)
             else:
@@ -236,10 +273,35 @@ class HybridLM(nn.Module, PyTorchModelHubMixin, library_name="nestlm", tags=["ne
                     scaled = scaled.masked_fill(scaled < kth, float("-inf"))
                 nxt = torch.multinomial(scaled.softmax(-1), 1, generator=generator)[:, 0]
             new.append(nxt)
-            if i + 1 < max_new_tokens:
-                out = self(nxt[:, None], state)
-                logits, state = out.logits[:, -1], out.state
+            if len(new) == max_new_tokens or (stop is not None and stop(torch.stack(new, 1))):
+                break
+            out = self(nxt[:, None], state)
+            logits, state = out.logits[:, -1], out.state
         return torch.stack(new, 1) if new else input_ids.new_zeros(input_ids.shape[0], 0), state
+
+    # --- evaluation-time attention window ------------------------------------------------------------
+    def full_attention_layers(self) -> list[Attention]:
+        """The mixers of the `attn` blocks: full attention, whose KV state grows with the stream."""
+        return [blk.mixer for blk in self.blocks if blk.kind == "attn"]
+
+    @contextlib.contextmanager
+    def attention_window(self, window: int | None) -> Iterator[HybridLM]:
+        """Inside the block, every full-attention layer sees only its last `window` tokens (a
+        sliding window, so its state stays bounded on streams longer than training); None leaves
+        the model as it is. The layers are full again on exit.
+        """
+        if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
+            raise ValueError(
+                f"HybridLM.attention_window: window={window!r} is invalid: expected a positive int or None"
+            )
+        layers = self.full_attention_layers() if window is not None else []
+        for m in layers:
+            m.window = window
+        try:
+            yield self
+        finally:
+            for m in layers:
+                m.window = None
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

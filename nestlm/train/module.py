@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import yaml
 from torch.utils.checkpoint import checkpoint
 
-from nestlm.models import HybridConfig, HybridLM
+from nestlm.models import HybridConfig, HybridLM, next_token_loss
 from nestlm.models.state import State
 from nestlm.train.callbacks import check_finite_loss
 
@@ -172,17 +172,6 @@ class LitHybridLM(L.LightningModule):
     def forward(self, input_ids: torch.Tensor, state: State | None = None):
         return self.model(input_ids, state=state)
 
-    @staticmethod
-    def loss_fn(
-        logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Next-token cross entropy averaged over labelled positions (weighted by `weight` [B, T] when
-        given, e.g. answer tokens only), and the total weight."""
-        ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none")
-        w = (labels != -100).flatten().to(ce.dtype) if weight is None else weight.flatten().to(ce.dtype)
-        n = w.sum()
-        return (ce * w).sum() / n.clamp(min=1e-8), n
-
     def _incoming_state(self, batch: dict[str, torch.Tensor]) -> State | None:
         """The state a batch starts from: carried over, except fresh for rows flagged `reset`."""
         reset = batch.get("reset")
@@ -213,7 +202,7 @@ class LitHybridLM(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self(batch["input_ids"], state=self._incoming_state(batch))
-        loss, n = self.loss_fn(out.logits, batch["labels"], batch.get("loss_weight"))
+        loss, n = next_token_loss(out.logits, batch["labels"], batch.get("loss_weight"))
         check_finite_loss(loss, self.global_step + 1)
         if "reset" in batch:
             self._carry = out.state.detach()
@@ -229,7 +218,7 @@ class LitHybridLM(L.LightningModule):
 
     def _eval_step(self, batch: dict[str, torch.Tensor], prefix: str) -> None:
         out = self(batch["input_ids"])
-        loss, n = self.loss_fn(out.logits, batch["labels"], batch.get("loss_weight"))
+        loss, n = next_token_loss(out.logits, batch["labels"], batch.get("loss_weight"))
         self.log(f"{prefix}/loss", loss, prog_bar=prefix == "val", batch_size=int(n.clamp(min=1)), sync_dist=True)
         self.log(f"{prefix}/ppl", torch.exp(loss.clamp(max=30.0)), batch_size=int(n.clamp(min=1)), sync_dist=True)
         if "probe_keys" in batch:

@@ -16,7 +16,7 @@ from nestlm.envs.mqar import VALUES
 from nestlm.envs.tokenizer import get_tokenizer
 from nestlm.eval.bench import REPORT_KEYS, run_benchmark
 from nestlm.eval.cli import main as eval_main
-from nestlm.eval.loading import attention_window, full_attention_layers, load_model
+from nestlm.eval.loading import load_model
 from nestlm.eval.report import adjusted, bootstrap_ci, coherence_horizon, horizon_summary, lag_summary
 from nestlm.eval.scoring import closed_loop, score_episode, score_predictions, stream_argmax
 from nestlm.models import HybridConfig, HybridLM
@@ -32,6 +32,8 @@ class ScriptedModel(torch.nn.Module):
         super().__init__()
         self.tokens, self.wrong_at, self.vocab = list(tokens), set(wrong_at), vocab
         self.max_chunk = 0
+
+    stream, generate = HybridLM.stream, HybridLM.generate  # they only call the model
 
     def forward(self, ids, state=None):
         pos = 0 if state is None else int(state)
@@ -205,14 +207,17 @@ def test_streaming_state_is_bounded_and_windowed_full_attention():
     assert sizes[0] == sizes[1]  # the state does not grow with the episode
     # a full-attention layer gets a sliding window for long episodes: bounded, and chunking-invariant
     model = tiny_model("mixed")
-    assert len(full_attention_layers(model)) == 1
-    with attention_window(model, 32):
+    assert len(model.full_attention_layers()) == 1
+    with model.attention_window(32):
         a = stream_argmax(model, ep_long.tokens, chunk_size=100)
         b = stream_argmax(model, ep_long.tokens, chunk_size=len(ep_long.tokens))
         state = model(torch.tensor(ep_long.tokens)[None]).state
         assert max(t.shape[1] for n, t in state.flat().items() if n.endswith(".k")) <= 31
     assert (a == b).mean() > 0.999
-    assert full_attention_layers(model)[0].window is None  # restored
+    assert model.full_attention_layers()[0].window is None  # restored
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="window"), model.attention_window(bad):
+            pass
 
 
 def test_auto_episode_counts_reach_the_ci_target():

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from nestlm.models import HybridConfig, HybridLM, State
+from nestlm.models import HybridConfig, HybridLM, State, next_token_loss
 from nestlm.models.presets import PRESETS, SIZES
 
 SMALL = dict(
@@ -115,6 +115,62 @@ def test_generate_matches_greedy_full_forward():
     assert state.tokens_seen == 9 + 5
 
 
+def test_generate_stops_prefills_in_chunks_and_continues_its_state():
+    model = small_model(["mamba", "attn"])
+    prompt = torch.randint(0, 61, (1, 23))
+    full, _ = model.generate(prompt, max_new_tokens=8)
+    chunked, state = model.generate(prompt, max_new_tokens=8, chunk_size=5)
+    assert torch.equal(full, chunked)
+    # stop(new) ends decoding early; the last new token is not fed to the returned state
+    stop_at = int(full[0, 3])
+    short, state = model.generate(prompt, 8, chunk_size=5, stop=lambda new: int(new[0, -1]) == stop_at)
+    assert torch.equal(short, full[:, : short.shape[1]]) and int(short[0, -1]) == stop_at
+    assert state.tokens_seen == 23 + short.shape[1] - 1
+    with torch.no_grad():
+        cont = model(short[:, -1:], state).logits
+        ref = model(torch.cat([prompt, short], 1)).logits[:, -1:]
+    torch.testing.assert_close(cont, ref, rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="input_ids"):
+        model.generate(prompt[:, :0], 3)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 13, None])
+def test_stream_equals_one_call(chunk_size):
+    model = small_model(["mamba2", "swa", "memory"], cms=True)
+    x = torch.randint(0, 61, (2, 40))
+    with torch.no_grad():
+        full = model(x)
+    outs = list(model.stream(x, chunk_size))
+    assert [o.logits.shape[1] for o in outs] == (
+        [40] if chunk_size is None else [min(chunk_size, 40 - s) for s in range(0, 40, chunk_size)]
+    )
+    torch.testing.assert_close(torch.cat([o.logits for o in outs], 1), full.logits, rtol=1e-9, atol=1e-9)
+    for a, b in zip(outs[-1].state.flat().values(), full.state.flat().values()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    half = list(model.stream(x[:, 20:], chunk_size, state=list(model.stream(x[:, :20], 7))[-1].state))
+    torch.testing.assert_close(torch.cat([o.logits for o in half], 1), full.logits[:, 20:], rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="chunk_size"):
+        next(model.stream(x, 0))
+
+
+def test_attention_window_bounds_full_attention_and_restores():
+    model = small_model(["attn", "swa"])
+    assert model.full_attention_layers() == [model.blocks[0].mixer]
+    x = torch.randint(0, 61, (1, 50))
+    with torch.no_grad():
+        with model.attention_window(7):
+            windowed = model(x)
+            assert windowed.state.blocks[0]["mixer"]["k"].shape[1] == 6  # window - 1 slots, not 50
+        as_swa = small_model(["swa", "swa"])  # the same weights (same seed) with a window of 7 everywhere
+        assert torch.equal(windowed.logits, as_swa(x).logits)
+        assert model.blocks[0].mixer.window is None and model(x).state.blocks[0]["mixer"]["k"].shape[1] == 50
+        with model.attention_window(None):
+            assert model.blocks[0].mixer.window is None
+    for bad in (0, -1, 3.5, "8", True):
+        with pytest.raises(ValueError, match="window"), model.attention_window(bad):
+            pass
+
+
 def test_save_load_round_trip_identical_logits(tmp_path):
     model = small_model(["swa", "attn"]).float()
     model.save_pretrained(tmp_path)
@@ -207,7 +263,7 @@ def test_every_tiny_preset_builds_trains_and_streams(name):
     model = HybridLM(HybridConfig.preset(name, "tiny"))
     assert 5e5 < model.num_params() < 5e6, model.num_params()
     x = torch.randint(0, 512, (2, 150))  # longer than the slowest CMS period: every parameter gets a gradient
-    loss, state = model.loss(x[:, :-1], x[:, 1:])
+    loss, _ = next_token_loss(model(x[:, :-1]).logits, x[:, 1:])
     loss.backward()
     assert torch.isfinite(loss) and abs(loss.item() - math.log(512)) < 0.5  # near-uniform at init
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad), "unused parameters"
