@@ -1,8 +1,9 @@
 """HybridConfig: the one description of a nestlm model, with presets.
 
 A config is a plain dataclass of primitives so it round-trips through JSON / YAML and Lightning
-checkpoints (weights_only loading). Every field is validated in `__post_init__`; a bad value
-raises a one-line ValueError naming the field, the value and what is allowed.
+checkpoints (weights_only loading). Every field is validated in `__post_init__`, one `_check_*`
+helper per group of fields; a bad value raises a one-line ValueError naming the field, the value
+and what is allowed.
 """
 
 from __future__ import annotations
@@ -110,9 +111,27 @@ class HybridConfig:
 
     def __post_init__(self) -> None:
         self.layers = parse_layers(self.layers)
+        self._check_sizes()
+        self._check_attention()
+        self._check_mamba2()
+        self._check_numbers()
+        self._check_channel_mixers()
+        self._check_cms()
+        self._check_reset_policy()
+
+    def _check_sizes(self) -> None:
+        """Every count and width is an int in range."""
         self._check_int("vocab_size", 2)
         self._check_int("d_model", 8)
-        self._check_int("n_heads", 1)
+        for name in ("n_heads", "window", "d_state", "d_conv", "expand", "ssm_d_state", "ssm_headdim"):
+            self._check_int(name, 1)
+        for name in ("ssm_ngroups", "ssm_chunk_size", "mem_heads", "mem_head_dim", "mem_chunk_size", "hope_chunk_size"):
+            self._check_int(name, 1)
+        if self.mem_depth not in (1, 2):
+            raise _err("mem_depth", self.mem_depth, "1 (linear memory) or 2 (2-layer MLP memory)")
+
+    def _check_attention(self) -> None:
+        """Heads divide the width into even (RoPE) head dims; KV heads divide the heads."""
         if self.n_kv_heads is not None:
             self._check_int("n_kv_heads", 1)
             if self.n_heads % self.n_kv_heads:
@@ -121,44 +140,41 @@ class HybridConfig:
             raise _err("n_heads", self.n_heads, f"a divisor of d_model={self.d_model}")
         if (self.d_model // self.n_heads) % 2:
             raise _err("n_heads", self.n_heads, "a head dim d_model/n_heads that is even (RoPE)")
-        for name in (
-            "window",
-            "d_state",
-            "d_conv",
-            "expand",
-            "ssm_d_state",
-            "ssm_headdim",
-            "ssm_ngroups",
-            "ssm_chunk_size",
-            "mem_heads",
-            "mem_head_dim",
-            "mem_chunk_size",
-            "hope_chunk_size",
-        ):
-            self._check_int(name, 1)
-        if self.mem_depth not in (1, 2):
-            raise _err("mem_depth", self.mem_depth, "1 (linear memory) or 2 (2-layer MLP memory)")
-        if "mamba2" in self.layers:
-            d_inner = self.expand * self.d_model
-            if d_inner % self.ssm_headdim:
-                raise _err("ssm_headdim", self.ssm_headdim, f"a divisor of expand*d_model={d_inner}")
-            if (d_inner // self.ssm_headdim) % self.ssm_ngroups:
-                raise _err("ssm_ngroups", self.ssm_ngroups, "a divisor of the number of SSD heads")
+
+    def _check_mamba2(self) -> None:
+        """SSD heads tile expand * d_model and split into whole groups (only when a mamba2 layer exists)."""
+        if "mamba2" not in self.layers:
+            return
+        d_inner = self.expand * self.d_model
+        if d_inner % self.ssm_headdim:
+            raise _err("ssm_headdim", self.ssm_headdim, f"a divisor of expand*d_model={d_inner}")
+        if (d_inner // self.ssm_headdim) % self.ssm_ngroups:
+            raise _err("ssm_ngroups", self.ssm_ngroups, "a divisor of the number of SSD heads")
+
+    def _check_numbers(self) -> None:
+        """Ratios, epsilons and step sizes are numbers in their ranges."""
         if not (isinstance(self.mlp_ratio, (int, float)) and self.mlp_ratio > 0):
             raise _err("mlp_ratio", self.mlp_ratio, "a positive number")
         if not (isinstance(self.norm_eps, (int, float)) and 0 < self.norm_eps < 1):
             raise _err("norm_eps", self.norm_eps, "a number in (0, 1)")
         if not (isinstance(self.mem_max_lr, (int, float)) and self.mem_max_lr > 0):
             raise _err("mem_max_lr", self.mem_max_lr, "a positive number")
+
+    def _check_channel_mixers(self) -> None:
+        """One known channel mixer, or one per layer."""
         if self.channel_mixer not in CHANNEL_MIXERS:
             raise _err("channel_mixer", self.channel_mixer, f"one of {CHANNEL_MIXERS}")
-        if self.channel_mixers is not None:
-            self.channel_mixers = list(self.channel_mixers)
-            if len(self.channel_mixers) != len(self.layers):
-                raise _err("channel_mixers", self.channel_mixers, f"{len(self.layers)} entries, one per layer")
-            for c in self.channel_mixers:
-                if c not in CHANNEL_MIXERS:
-                    raise _err("channel_mixers", self.channel_mixers, f"entries in {CHANNEL_MIXERS}")
+        if self.channel_mixers is None:
+            return
+        self.channel_mixers = list(self.channel_mixers)
+        if len(self.channel_mixers) != len(self.layers):
+            raise _err("channel_mixers", self.channel_mixers, f"{len(self.layers)} entries, one per layer")
+        for c in self.channel_mixers:
+            if c not in CHANNEL_MIXERS:
+                raise _err("channel_mixers", self.channel_mixers, f"entries in {CHANNEL_MIXERS}")
+
+    def _check_cms(self) -> None:
+        """CMS levels: periods (positive ints or None), the normalised step and the width ratio."""
         self.cms_periods = list(self.cms_periods)
         if not self.cms_periods:
             raise _err("cms_periods", self.cms_periods, "at least one level")
@@ -171,6 +187,9 @@ class HybridConfig:
             isinstance(self.cms_hidden_ratio, (int, float)) and self.cms_hidden_ratio > 0
         ):
             raise _err("cms_hidden_ratio", self.cms_hidden_ratio, "a positive number or None")
+
+    def _check_reset_policy(self) -> None:
+        """{name pattern: "episode" | "persistent"} (patterns: nestlm.models.state)."""
         if not isinstance(self.reset_policy, dict):
             raise _err("reset_policy", self.reset_policy, "a dict {name pattern: 'episode' | 'persistent'}")
         for k, v in self.reset_policy.items():

@@ -1,9 +1,18 @@
-"""Named architectures at named sizes. `HybridConfig.preset(name, size)` reads this table;
-configs/model/<name>-<size>.yaml holds the same values (tests check they agree)."""
+"""Named architectures at named sizes: the one source of the presets.
+
+`HybridConfig.preset(name, size)` reads this table. The files configs/model/<name>-<size>.yaml are
+generated from it (a test fails when they differ):
+
+    python -m nestlm.models.presets --write configs/model
+"""
 
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 SIZES: dict[str, dict[str, Any]] = {
     # ~1-3M parameters: trains on a laptop CPU in minutes.
@@ -90,3 +99,30 @@ def preset_dict(name: str, size: str = "tiny") -> dict[str, Any]:
     else:
         d["channel_mixer"] = ch
     return d
+
+
+def preset_yaml(name: str, size: str) -> str:
+    """The text of configs/model/<name>-<size>.yaml: the preset's fields, in table order."""
+    head = f"# HybridConfig preset {name!r} at size {size!r}, generated from nestlm/models/presets.py\n"
+    head += "# by `python -m nestlm.models.presets --write configs/model`: edit the table there, not this file.\n"
+    return head + yaml.safe_dump(preset_dict(name, size), sort_keys=False, default_flow_style=None, width=1000)
+
+
+def preset_files() -> dict[str, str]:
+    """File name -> text of every preset at every size."""
+    return {f"{name}-{size}.yaml": preset_yaml(name, size) for name in PRESETS for size in SIZES}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m nestlm.models.presets", description=__doc__.splitlines()[0])
+    p.add_argument("--write", metavar="DIR", required=True, help="folder for the <name>-<size>.yaml files")
+    args = p.parse_args(argv)
+    out = Path(args.write)
+    out.mkdir(parents=True, exist_ok=True)
+    for fname, text in preset_files().items():
+        (out / fname).write_text(text)
+    print(f"wrote {len(preset_files())} preset files to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -120,11 +120,15 @@ def answer_scores(logits: torch.Tensor, batch: dict) -> dict[str, tuple[float, f
 class LitHybridLM(L.LightningModule):
     """Next-token training of a HybridLM.
 
+    A model is named one of two ways, and `overrides` (HybridConfig fields) apply on top of either:
+      - a preset: `preset` at `size` (HybridConfig.preset; configs/model/*.yaml are generated from it);
+      - a full config: `config`, the path of a YAML file of HybridConfig fields, or that mapping
+        itself. It wins over `preset` when given. A path is replaced by its contents in the saved
+        hyperparameters, so a checkpoint never depends on the file (and reloads through the dict).
+
     Args:
         preset, size, overrides: `HybridConfig.preset(preset, size, **overrides)`.
-        config: a full HybridConfig dict, or the path of a YAML file holding one (configs/model/*.yaml);
-            wins over `preset` when given (`overrides` still apply). A path is replaced by its contents
-            in the saved hyperparameters, so a checkpoint never depends on the file.
+        config: a full HybridConfig dict or YAML path (see above).
         lr, betas, eps, weight_decay: AdamW (no decay on norms, biases, 1-D and `_no_weight_decay` params).
         warmup_steps: linear warmup from lr * 1e-3 to lr (torch LinearLR), then cosine (CosineAnnealingLR)
             down to lr * min_lr_ratio at `decay_steps` (default: trainer.max_steps); stepped every step.

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
 from nestlm.models import HybridConfig, HybridLM, State, next_token_loss
-from nestlm.models.presets import PRESETS, SIZES
+from nestlm.models.presets import PRESETS, SIZES, main, preset_files
 
 SMALL = dict(
     vocab_size=61,
@@ -228,10 +229,23 @@ def test_pattern_strings():
 @pytest.mark.parametrize("name", PRESETS)
 @pytest.mark.parametrize("size", list(SIZES))
 def test_preset_yaml_matches_python(name, size):
-    from pathlib import Path
-
     path = Path(__file__).parents[2] / "configs" / "model" / f"{name}-{size}.yaml"
     assert HybridConfig(**yaml.safe_load(path.read_text())) == HybridConfig.preset(name, size)
+
+
+def test_preset_yaml_files_are_generated_from_presets_py():
+    folder = Path(__file__).parents[2] / "configs" / "model"
+    want = preset_files()
+    assert sorted(p.name for p in folder.glob("*.yaml")) == sorted(want), "stray or missing preset files"
+    stale = [f for f, text in want.items() if (folder / f).read_text() != text]
+    assert not stale, (
+        f"{stale} differ from nestlm/models/presets.py: run python -m nestlm.models.presets --write configs/model"
+    )
+
+
+def test_preset_writer_writes_every_file(tmp_path):
+    main(["--write", str(tmp_path / "model")])
+    assert {p.name: p.read_text() for p in (tmp_path / "model").iterdir()} == preset_files()
 
 
 def test_state_save_load_diff_and_config_check(tmp_path):
