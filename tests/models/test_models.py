@@ -10,24 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from small_configs import SMALL, random_pieces
 
 from nestlm.models import HybridConfig, HybridLM, State, next_token_loss
 from nestlm.models.presets import PRESETS, SIZES, main, preset_files
 
-SMALL = dict(
-    vocab_size=61,
-    d_model=32,
-    n_heads=4,
-    window=7,
-    ssm_headdim=16,
-    ssm_d_state=8,
-    ssm_chunk_size=8,
-    mem_heads=2,
-    mem_head_dim=8,
-    mem_chunk_size=5,
-    hope_chunk_size=3,
-    cms_periods=[None, 3, 7],
-)
 STACKS = {
     "attn": ["attn", "attn"],
     "swa": ["swa", "swa"],
@@ -46,16 +33,6 @@ def small_model(layers, **kw) -> HybridLM:
     if kw.pop("cms", False):
         kw["channel_mixers"] = ["cms" if i % 2 else "mlp" for i in range(len(layers))] if len(layers) > 1 else ["cms"]
     return HybridLM(HybridConfig(**{**SMALL, "layers": layers, **kw})).double().eval()
-
-
-def random_pieces(t: int, rng: random.Random) -> list[tuple[int, int]]:
-    """Split [0, t) into consecutive pieces of random length, single tokens included."""
-    cuts, a = [], 0
-    while a < t:
-        n = rng.choice([1, 1, 2, 5, 11, 17])
-        cuts.append((a, min(t, a + n)))
-        a += n
-    return cuts
 
 
 @pytest.mark.parametrize("stack", list(STACKS))

@@ -7,26 +7,13 @@ import random
 
 import pytest
 import torch
+from small_configs import SMALL as BASE
+from small_configs import random_pieces
 
 from nestlm.models import HybridConfig, HybridLM, State, next_token_loss
 from nestlm.models.state import DEFAULT_RESET_POLICY
 
-SMALL = dict(
-    vocab_size=61,
-    d_model=32,
-    n_heads=4,
-    window=7,
-    ssm_headdim=16,
-    ssm_d_state=8,
-    ssm_chunk_size=8,
-    mem_heads=2,
-    mem_head_dim=8,
-    mem_chunk_size=5,
-    hope_chunk_size=3,
-    cms_periods=[None, 3, 7],
-    cms_lr=0.5,
-    mem_max_lr=0.5,
-)
+SMALL = dict(BASE, cms_lr=0.5, mem_max_lr=0.5)
 HOPE_STACK = dict(layers=["swa", "hope", "hope"], channel_mixers=["mlp", "cms", "cms"])
 HAS_MAMBA2 = importlib.util.find_spec("nestlm.layers.mamba2") is not None
 needs_mamba2 = pytest.mark.skipif(not HAS_MAMBA2, reason="needs nestlm.layers.mamba2")
@@ -38,12 +25,7 @@ def small_model(dtype=torch.float64, **kw) -> HybridLM:
 
 
 def pieces(t: int, rng: random.Random) -> list[tuple[int, int]]:
-    cuts, a = [], 0
-    while a < t:
-        n = rng.choice([1, 1, 2, 4, 6, 13])
-        cuts.append((a, min(t, a + n)))
-        a += n
-    return cuts
+    return random_pieces(t, rng, lengths=(1, 1, 2, 4, 6, 13))
 
 
 @pytest.mark.parametrize("stack", ["hope", pytest.param("hope-hybrid", marks=needs_mamba2)])

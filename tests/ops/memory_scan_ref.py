@@ -29,6 +29,22 @@ def linear_memory_scan_loop(q, k, v, lr, momentum, decay, W, S, W_anchor=None, c
     return y, (W, S, A)
 
 
+def scan_in_pieces(scan, inputs, lengths, chunk_size):
+    """Feed inputs (q, k, v, lr, momentum, decay, W, S) to `scan` (the op's signature) in consecutive
+    pieces of `lengths` tokens, the state (W, S, W_anchor) and the chunk offset carried.
+
+    Returns y [b, sum(lengths), h, dv] and the final (W, S).
+    """
+    *seqs, W, S = inputs
+    ys, A, pos = [], None, 0
+    for n in lengths:
+        pieces = [t[:, pos : pos + n] for t in seqs]
+        y, (W, S, A) = scan(*pieces, W, S, A, chunk_size=chunk_size, offset=pos % chunk_size)
+        ys.append(y)
+        pos += n
+    return torch.cat(ys, 1), (W, S)
+
+
 def random_inputs(b, L, h, dk, dv, device="cpu", dtype=torch.float64, seed=None):
     """Fresh random inputs in the op's working range (unit-norm keys and queries, gates in (0, 1))."""
     gen = torch.Generator(device="cpu")

@@ -4,7 +4,7 @@ package), in fp64: chunk coefficients, outputs, final states, every gradient
 
 import pytest
 import torch
-from memory_scan_ref import linear_memory_scan_loop, random_inputs
+from memory_scan_ref import linear_memory_scan_loop, random_inputs, scan_in_pieces
 
 from nestlm.ops.memory import linear_memory_scan, linear_memory_scan_ref
 from nestlm.ops.memory.chunk import chunk_coefficients
@@ -75,17 +75,11 @@ def test_forward_backward_match_token_loop(L, C, off, dk, dv):
 
 def test_streaming_pieces_equal_one_call():
     C = 6
-    q, k, v, lr, mom, dec, W, S, _ = random_inputs(2, 41, 2, 5, 4)
-    y_full, (W_full, S_full, _) = linear_memory_scan(q, k, v, lr, mom, dec, W, S, chunk_size=C)
-    ys, A, pos = [], None, 0
-    for n in [1, 4, 7, 6, 11, 12]:
-        sl = slice(pos, pos + n)
-        pieces = [t[:, sl] for t in (q, k, v, lr, mom, dec)]
-        y, (W, S, A) = linear_memory_scan(*pieces, W, S, A, chunk_size=C, offset=pos % C)
-        ys.append(y)
-        pos += n
-    assert pos == 41
-    assert rel(torch.cat(ys, 1), y_full) < 1e-12
+    x = random_inputs(2, 41, 2, 5, 4)[:8]
+    y_full, (W_full, S_full, _) = linear_memory_scan(*x, chunk_size=C)
+    y, (W, S) = scan_in_pieces(linear_memory_scan, x, [1, 4, 7, 6, 11, 12], C)
+    assert y.shape == y_full.shape
+    assert rel(y, y_full) < 1e-12
     assert rel(W, W_full) < 1e-12 and rel(S, S_full) < 1e-12
 
 
