@@ -99,8 +99,8 @@ class CMSLevel(nn.Module):
         v = self.w_value(x)
         with torch.autocast(x.device.type, enabled=False):
             kf = k.to(state["W"].dtype)
-            lr = self.lr * torch.sigmoid(self.w_lr(x).squeeze(-1).to(kf.dtype)) / (kf.pow(2).sum(-1) + self.eps)
-            y, W, G, pos = cms_scan(u, kf, v, lr, state["W"], state["G"], state["pos"], self.period)
+            lr_t = self.lr * torch.sigmoid(self.w_lr(x).squeeze(-1).to(kf.dtype)) / (kf.pow(2).sum(-1) + self.eps)
+            y, W, G, pos = cms_scan(u, kf, v, lr_t, state["W"], state["G"], state["pos"], self.period)
         return y.to(x.dtype), {"W": W, "G": G, "pos": pos}
 
 
