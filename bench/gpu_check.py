@@ -539,26 +539,27 @@ def worker_env(res: Result, args) -> int:
     backend_imports(res)  # last: the ceilings above are saved whatever an import does
     from nestlm.ops import backends
 
-    res.put(vendor_ops={op: backends.vendor_fn(op) is not None for op in backends._VENDOR})
+    vendor = [op for op, kernels in backends.KERNELS.items() if "vendor" in dict(kernels)]
+    res.put(vendor_ops={op: backends.kernel(op, "vendor") is not None for op in vendor})
     return 0
 
 
 def worker_build(res: Result, args) -> int:
-    from nestlm.ops import _csrc
+    from nestlm.ops.memory import csrc
 
     t0 = time.perf_counter()
-    ext = _csrc.load()
+    ext = csrc.load()
     res.put(loaded=ext is not None, seconds=round(time.perf_counter() - t0, 1))
     return 0 if ext is not None else 1
 
 
 def memcheck_case(b, L, h, dk, dv, C, offset, dtype: str, seed: int | None = None, device: str = "cuda") -> dict:
     """One fused-kernel forward + backward on fresh random inputs (seed recorded), against the fp64
-    token loop. On a CPU device the fused algorithm runs in its PyTorch form (no kernel there)."""
+    token loop. On a CPU device the op's PyTorch path runs instead (no kernel there)."""
     import torch
 
-    from nestlm.ops.memory import linear_memory_scan_ref
-    from nestlm.ops.memory_fused import linear_memory_scan_fused
+    from nestlm.ops.memory import linear_memory_scan, linear_memory_scan_ref
+    from nestlm.ops.memory.csrc import linear_memory_scan_csrc
 
     seed = time.time_ns() % 2**31 if seed is None else seed
     g = torch.Generator().manual_seed(seed)
@@ -581,7 +582,7 @@ def memcheck_case(b, L, h, dk, dv, C, offset, dtype: str, seed: int | None = Non
     dev_in = [x.to(device, dtype if i < 3 else torch.float32).requires_grad_(True) for i, x in enumerate(xs)]
     kernel = torch.device(device).type == "cuda"
     y_r, st_r = linear_memory_scan_ref(*ref_in, chunk_size=C, offset=offset)
-    y, st = linear_memory_scan_fused(*dev_in, chunk_size=C, offset=offset, use_kernel=kernel)
+    y, st = (linear_memory_scan_csrc if kernel else linear_memory_scan)(*dev_in, chunk_size=C, offset=offset)
     cot = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in (y_r, *st_r)]
     grads_r = torch.autograd.grad(sum((c * t).sum() for c, t in zip(cot, (y_r, *st_r))), ref_in)
     loss = sum((c.to(device, t.dtype) * t).float().sum() for c, t in zip(cot, (y, *st)))
@@ -601,9 +602,9 @@ def memcheck_case(b, L, h, dk, dv, C, offset, dtype: str, seed: int | None = Non
 
 
 def worker_memcheck(res: Result, args) -> int:
-    from nestlm.ops import _csrc
+    from nestlm.ops.memory import csrc
 
-    ext = _csrc.load()
+    ext = csrc.load()
     if ext is None:
         res.put(ok=False, error="the csrc extension did not load")
         return 1

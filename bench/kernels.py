@@ -37,7 +37,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from nestlm.ops.memory import csrc, linear_memory_scan  # noqa: E402
-from nestlm.ops.memory.common import Scan, linear_memory  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 B, H = 8, 16
@@ -112,8 +111,7 @@ def flops(D: int, L: int) -> dict:
 
 
 def run_kernel(xs, C, backward: bool):
-    _, x = linear_memory(Scan(*xs, None, C, 0, False, None))
-    y, (W1, S1, A1) = csrc.scan(x)
+    y, (W1, S1, A1) = csrc.linear_memory_scan_csrc(*xs, chunk_size=C)
     if backward:
         (y.sum() + W1.sum() + S1.sum()).backward()
     return y

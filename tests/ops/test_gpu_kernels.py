@@ -14,6 +14,7 @@ from nestlm.ops import backends
 from nestlm.ops.memory import csrc, linear_memory_scan, linear_memory_scan_ref
 from nestlm.ops.memory.chunk import backend
 from nestlm.ops.memory.common import Scan, linear_memory
+from nestlm.ops.memory.csrc import linear_memory_scan_csrc
 
 pytestmark = [
     pytest.mark.gpu,
@@ -31,12 +32,6 @@ def ext():
     mod.set_poison(True)
     yield mod
     mod.set_poison(False)
-
-
-def kernel_scan(q, k, v, lr, mom, dec, W, S, W_anchor=None, chunk_size=16, offset=0, first_order=False):
-    """The csrc kernel itself (what `linear_memory_scan` dispatches to), whatever the dispatcher says."""
-    _, x = linear_memory(Scan(q, k, v, lr, mom, dec, W, S, W_anchor, chunk_size, offset, first_order, None))
-    return csrc.scan(x)
 
 
 def rel(out, ref):
@@ -60,7 +55,7 @@ def check_case(b, L, h, dk, dv, C, offset, dtype, first_order=False):
         y_r, st_r = linear_memory_scan_ref(*ref_in[:8], anchor_ref, chunk_size=C, offset=offset, first_order=True)
     else:
         y_r, st_r = linear_memory_scan_loop(*ref_in[:8], anchor_ref, chunk_size=C, offset=offset)
-    y, st = kernel_scan(*dev_in[:8], anchor_dev, chunk_size=C, offset=offset, first_order=first_order)
+    y, st = linear_memory_scan_csrc(*dev_in[:8], anchor_dev, chunk_size=C, offset=offset, first_order=first_order)
     tol = TOL[dtype]
     errs = {"y": rel(y, y_r)}
     for name, o, r in zip(("W_end", "S_end", "A_end"), st, st_r):
@@ -105,8 +100,8 @@ def test_kernel_first_order_matches_reference(ext, dtype):
 def test_kernel_streaming_pieces_equal_one_call(ext):
     C = 16
     x = [t.to("cuda", torch.float32) for t in random_inputs(2, 150, 2, 64, 64)][:8]
-    y_full, (W_full, S_full, _) = kernel_scan(*x, chunk_size=C)
-    y, (W, S) = scan_in_pieces(kernel_scan, x, (1, 20, 16, 37, 64, 12), C)
+    y_full, (W_full, S_full, _) = linear_memory_scan_csrc(*x, chunk_size=C)
+    y, (W, S) = scan_in_pieces(linear_memory_scan_csrc, x, (1, 20, 16, 37, 64, 12), C)
     assert y.shape == y_full.shape
     assert rel(y, y_full.double().cpu()) < 1e-5
     assert rel(W, W_full.double().cpu()) < 1e-5 and rel(S, S_full.double().cpu()) < 1e-5

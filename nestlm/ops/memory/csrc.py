@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from nestlm.ops.memory.common import Scan
+from nestlm.ops.memory.common import Scan, check, linear_memory
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,17 @@ def unsupported(x: Scan) -> str | None:
     if not (dk in KEY_DIMS and dv % 32 == 0 and 32 <= dv <= 256 and x.chunk_size <= MAX_CHUNK):
         return "shape not covered by the kernel (dk in 32/64/128, dv a multiple of 32 up to 256, chunk <= 64)"
     return None
+
+
+def linear_memory_scan_csrc(
+    q, k, v, lr, momentum, decay, W, S, W_anchor=None, *, chunk_size=16, offset=0, return_state=True, first_order=False
+):
+    """`linear_memory_scan` on the kernels whatever the dispatcher would choose (tests, benchmarks):
+    the op's arguments (no max_grad_norm), checked as the op checks them; CUDA tensors, fp32 state."""
+    x = Scan(q, k, v, lr, momentum, decay, W, S, W_anchor, chunk_size, offset, first_order, None)
+    mem, x = linear_memory(x)
+    check("linear_memory_scan_csrc", mem, x)
+    return scan(x, return_state)
 
 
 def scan(x: Scan, return_state: bool = True):
