@@ -194,7 +194,12 @@ def generate(n_steps: int, seed: int, split: str = "train", level: int = DEFAULT
                 k = pick_by_lag(rng, keys, lags, step) if in_final else rng.choice(keys)
                 lag = step - seen[("code", k)]
                 seen[("code", k)] = step
-                w.add("[Q]", rng.choice(T["recall"]).format(k=k), codes[k], [dict(kind="recall", lag=lag, chance=10.0**-digits)])
+                w.add(
+                    "[Q]",
+                    rng.choice(T["recall"]).format(k=k),
+                    codes[k],
+                    [dict(kind="recall", lag=lag, chance=10.0**-digits)],
+                )
             else:
                 lags = [step - seen[("bal", a)] for a in accounts]
                 a = pick_by_lag(rng, accounts, lags, step) if in_final else rng.choice(accounts)
