@@ -9,8 +9,10 @@ and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,6 +61,22 @@ def parse_layers(spec: str | list[str] | tuple[str, ...]) -> list[str]:
     if not names:
         raise _err("layers", spec, "at least one layer")
     return names
+
+
+# Finite numbers checked by HybridConfig._check_numbers: name -> (test, what is allowed)
+_NUMBER_FIELDS = {
+    "mlp_ratio": (lambda v: v > 0, "a positive finite number"),
+    "norm_eps": (lambda v: 0 < v < 1, "a number in (0, 1)"),
+    "init_std": (lambda v: v > 0, "a positive finite number"),
+    "rope_theta": (lambda v: v > 0, "a positive finite number"),
+    "mem_max_lr": (lambda v: v > 0, "a positive finite number"),
+    "cms_lr": (lambda v: 0 < v <= 1, "a number in (0, 1] (normalised inner step of the CMS levels)"),
+}
+_BOOL_FIELDS = ("tie_embeddings", "mem_first_order")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass
@@ -127,7 +145,7 @@ class HybridConfig:
             self._check_int(name, 1)
         for name in ("ssm_ngroups", "ssm_chunk_size", "mem_heads", "mem_head_dim", "mem_chunk_size", "hope_chunk_size"):
             self._check_int(name, 1)
-        if self.mem_depth not in (1, 2):
+        if not (isinstance(self.mem_depth, int) and not isinstance(self.mem_depth, bool) and self.mem_depth in (1, 2)):
             raise _err("mem_depth", self.mem_depth, "1 (linear memory) or 2 (2-layer MLP memory)")
 
     def _check_attention(self) -> None:
@@ -152,13 +170,14 @@ class HybridConfig:
             raise _err("ssm_ngroups", self.ssm_ngroups, "a divisor of the number of SSD heads")
 
     def _check_numbers(self) -> None:
-        """Ratios, epsilons and step sizes are numbers in their ranges."""
-        if not (isinstance(self.mlp_ratio, (int, float)) and self.mlp_ratio > 0):
-            raise _err("mlp_ratio", self.mlp_ratio, "a positive number")
-        if not (isinstance(self.norm_eps, (int, float)) and 0 < self.norm_eps < 1):
-            raise _err("norm_eps", self.norm_eps, "a number in (0, 1)")
-        if not (isinstance(self.mem_max_lr, (int, float)) and self.mem_max_lr > 0):
-            raise _err("mem_max_lr", self.mem_max_lr, "a positive number")
+        """Ratios, epsilons, scales and step sizes are finite numbers in their ranges; flags are bools."""
+        for name, (ok, allowed) in _NUMBER_FIELDS.items():
+            v = getattr(self, name)
+            if not (_is_number(v) and ok(v)):
+                raise _err(name, v, allowed)
+        for name in _BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise _err(name, getattr(self, name), "true or false")
 
     def _check_channel_mixers(self) -> None:
         """One known channel mixer, or one per layer."""
@@ -166,6 +185,8 @@ class HybridConfig:
             raise _err("channel_mixer", self.channel_mixer, f"one of {CHANNEL_MIXERS}")
         if self.channel_mixers is None:
             return
+        if not isinstance(self.channel_mixers, (list, tuple)):
+            raise _err("channel_mixers", self.channel_mixers, "a list with one channel mixer per layer, or None")
         self.channel_mixers = list(self.channel_mixers)
         if len(self.channel_mixers) != len(self.layers):
             raise _err("channel_mixers", self.channel_mixers, f"{len(self.layers)} entries, one per layer")
@@ -174,19 +195,16 @@ class HybridConfig:
                 raise _err("channel_mixers", self.channel_mixers, f"entries in {CHANNEL_MIXERS}")
 
     def _check_cms(self) -> None:
-        """CMS levels: periods (positive ints or None), the normalised step and the width ratio."""
+        """CMS levels: periods (positive ints or None) and the width ratio (cms_lr: _check_numbers)."""
+        if not isinstance(self.cms_periods, (list, tuple)) or not self.cms_periods:
+            raise _err("cms_periods", self.cms_periods, "a non-empty list of update periods (positive ints or None)")
         self.cms_periods = list(self.cms_periods)
-        if not self.cms_periods:
-            raise _err("cms_periods", self.cms_periods, "at least one level")
         for p in self.cms_periods:
             if p is not None and (not isinstance(p, int) or isinstance(p, bool) or p < 1):
                 raise _err("cms_periods", self.cms_periods, "entries that are positive ints or None")
-        if not (isinstance(self.cms_lr, (int, float)) and 0 < self.cms_lr <= 1):
-            raise _err("cms_lr", self.cms_lr, "a number in (0, 1] (normalised inner step of the CMS levels)")
-        if self.cms_hidden_ratio is not None and not (
-            isinstance(self.cms_hidden_ratio, (int, float)) and self.cms_hidden_ratio > 0
-        ):
-            raise _err("cms_hidden_ratio", self.cms_hidden_ratio, "a positive number or None")
+        r = self.cms_hidden_ratio
+        if r is not None and not (_is_number(r) and r > 0):
+            raise _err("cms_hidden_ratio", r, "a positive number or None")
 
     def _check_reset_policy(self) -> None:
         """{name pattern: "episode" | "persistent"} (patterns: nestlm.models.state)."""
@@ -216,10 +234,20 @@ class HybridConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> HybridConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
+        """A config from a mapping of its fields; unknown or mistyped fields are a one-line ValueError."""
+        if not isinstance(d, dict):
+            raise ValueError(f"HybridConfig: expected a mapping of config fields, got a {type(d).__name__}")
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(str(k) for k in d if k not in known)
         if unknown:
-            raise ValueError(f"HybridConfig: unknown field(s) {unknown}; allowed: {sorted(known)}")
+            hints = [
+                f"{k!r} (did you mean {m[0]!r}?)" for k in unknown if (m := difflib.get_close_matches(k, known, 1))
+            ]
+            raise ValueError(
+                f"HybridConfig: unknown field(s) {unknown}"
+                + (f"; {', '.join(hints)}" if hints else "")
+                + f"; allowed: {sorted(known)}"
+            )
         return cls(**d)
 
     def to_json(self) -> str:
@@ -236,4 +264,4 @@ class HybridConfig:
 
         d = preset_dict(name, size)
         d.update(overrides)
-        return cls(**d)
+        return cls.from_dict(d)

@@ -15,7 +15,6 @@ The recurrent state of every block travels in a nestlm.models.State.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -203,20 +202,82 @@ class HybridLM(nn.Module, PyTorchModelHubMixin, library_name="nestlm", tags=["ne
 
     # --- forward ------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, state: State | None = None) -> LMOutput:
-        """input_ids: LongTensor [B, T] -> LMOutput(logits [B, T, V], state)."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"HybridLM: input_ids must be [batch, time], got shape {tuple(input_ids.shape)}")
-        if state is None:
-            state = self.init_state(input_ids.shape[0])
-        else:
-            state.check_compatible(self._config_hash, len(self.blocks))
-        x = self.embed(input_ids)
+        """input_ids: LongTensor [B, T] -> LMOutput(logits [B, T, V], state). T = 0 returns the state unchanged."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+            what = (
+                f"shape {tuple(input_ids.shape)}" if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            )
+            raise ValueError(f"HybridLM: input_ids must be an integer tensor [batch, time], got {what}")
+        b, t = input_ids.shape
+        if b == 0:
+            raise ValueError("HybridLM: input_ids has no rows; expected a batch of at least one sequence")
+        state = self.init_state(b) if state is None else self.check_state(state, b)
+        if t == 0:  # an empty piece of a stream: nothing to read, the state carries on as it is
+            logits = self.lm_head.weight.new_zeros(b, 0, self.config.vocab_size)
+            same = State(state.blocks, state.continued(0, self._config_hash))
+            same.checked_for = state.checked_for
+            return LMOutput(logits, same)
+        try:
+            x = self.embed(input_ids)
+        except IndexError:  # an id outside [0, vocab_size); checked here so the happy path costs nothing
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            bad = lo if lo < 0 else hi
+            raise ValueError(
+                f"HybridLM: input_ids holds token id {bad}, outside the vocabulary [0, {self.config.vocab_size})"
+            ) from None
         new_blocks = []
         for blk, s in zip(self.blocks, state.blocks):
             x, s = blk(x, s)
             new_blocks.append(s)
         logits = self.lm_head(self.norm_f(x))
-        return LMOutput(logits, State(new_blocks, state.continued(input_ids.shape[1], self._config_hash)))
+        out = State(new_blocks, state.continued(t, self._config_hash))
+        out.checked_for = (self._config_hash, b)
+        return LMOutput(logits, out)
+
+    def check_state(self, state: State, batch_size: int) -> State:
+        """`state` if it fits this model and a batch of `batch_size` rows; else a one-line ValueError.
+
+        Checked once per state object (states this model returns are marked as fitting): the config
+        hash, the blocks, every tensor's name, kind (float / int) and shape; a dimension that is 0 in a
+        fresh state (a growing attention cache) may have any length.
+        """
+        if not isinstance(state, State):
+            raise ValueError(f"HybridLM: state must be a nestlm.models.State or None, got {type(state).__name__}")
+        state.check_compatible(self._config_hash, len(self.blocks))
+        if state.checked_for == (self._config_hash, batch_size):
+            return state
+        fresh = self.init_state(1)
+        for i, (blk, ref) in enumerate(zip(state.blocks, fresh.blocks)):
+            for part, want in ref.items():
+                got = blk.get(part) or {}
+                if sorted(got) != sorted(want):
+                    raise ValueError(
+                        f"State: blocks.{i}.{part} holds {sorted(got)}, the model expects {sorted(want)}; "
+                        "a state only loads into the architecture that made it"
+                    )
+                for name, t in got.items():
+                    w, key = want[name], f"blocks.{i}.{part}.{name}"
+                    if (
+                        not isinstance(t, torch.Tensor)
+                        or t.dim() != w.dim()
+                        or t.is_floating_point() != w.is_floating_point()
+                    ):
+                        raise ValueError(
+                            f"State: {key} is not a {w.dim()}-d {'float' if w.is_floating_point() else 'int'} "
+                            "tensor as the model expects"
+                        )
+                    if t.shape[0] != batch_size:
+                        raise ValueError(
+                            f"State: {key} holds a batch of {t.shape[0]} rows but input_ids has {batch_size}; "
+                            "a state continues the batch that made it"
+                        )
+                    if any(g != e and e != 0 for g, e in zip(t.shape[1:], w.shape[1:])):
+                        raise ValueError(
+                            f"State: {key} has shape {tuple(t.shape)}, the model expects "
+                            f"{(batch_size, *(d if d else '*' for d in w.shape[1:]))}"
+                        )
+        state.checked_for = (self._config_hash, batch_size)
+        return state
 
     @torch.no_grad()
     def stream(
@@ -315,39 +376,14 @@ class HybridLM(nn.Module, PyTorchModelHubMixin, library_name="nestlm", tags=["ne
 
     @classmethod
     def _from_pretrained(cls, *, model_id: str, map_location: str = "cpu", strict: bool = True, **kwargs):
-        path = Path(model_id)
-        cfg_file, weights = path / "config.json", path / "model.safetensors"
-        if not path.is_dir():
-            raise FileNotFoundError(
-                f"HybridLM.from_pretrained: {path} is not a directory (expected an export "
-                "folder with config.json and model.safetensors)"
-            )
-        for f in (cfg_file, weights):
-            if not f.is_file():
-                raise FileNotFoundError(f"HybridLM.from_pretrained: missing {f}")
-        try:
-            cfg_dict = json.loads(cfg_file.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"HybridLM.from_pretrained: {cfg_file} is not valid JSON ({e})") from None
-        if "config" in cfg_dict and isinstance(cfg_dict["config"], dict):
-            cfg_dict = cfg_dict["config"]
-        model = cls(HybridConfig.from_dict(cfg_dict))
-        from safetensors.torch import load_model
+        from nestlm.models.loading import load_export
 
-        try:
-            missing, unexpected = load_model(model, str(weights), strict=False, device=str(map_location))
-        except Exception as e:
-            raise ValueError(f"HybridLM.from_pretrained: cannot read {weights} ({e})") from None
-        if strict and (missing or unexpected):
-            raise ValueError(
-                f"HybridLM.from_pretrained: {weights} does not match the config: missing "
-                f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
-            )
-        return model
+        return load_export(model_id, device=map_location, strict=strict)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> HybridLM:
-        """Load an export folder (config.json + model.safetensors); weights must match the config exactly."""
+        """Load an export folder (config.json + model.safetensors), validated by nestlm.models.loading:
+        a typed and ranged config, weights of exactly its names and shapes, all finite."""
         if os.path.isdir(pretrained_model_name_or_path):
             return cls._from_pretrained(model_id=str(pretrained_model_name_or_path), **kwargs)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)

@@ -10,9 +10,12 @@ dimension. Alongside the tensors a state carries metadata:
     id            snapshot id, given when the state is saved (None before)
     parent        id of the last saved or loaded snapshot this state continues from
 
-`save` / `load` use safetensors (tensors + JSON metadata in the header); a loaded snapshot
-reproduces behaviour exactly. `diff` reports, per block / part / tensor, the norm of the change, so a
-deployment can audit what its memory learned and roll it back.
+`save` / `load` use safetensors (tensors + JSON metadata and a sha256 of the tensors in the header);
+a loaded snapshot reproduces behaviour exactly. `to_dict` / `from_dict` are the one serialised form,
+also carried in training checkpoints; `from_dict` (hence `load`) refuses a snapshot of an unknown
+format, a layout that does not match its tensors, a checksum mismatch or a non-finite tensor.
+`diff` reports, per block / part / tensor, the norm of the change, so a deployment can audit what its
+memory learned and roll it back.
 
 Reset policy. At an episode boundary (a new task, a new conversation) a deployment decides, per
 component, whether its state starts over (`episode`) or carries on (`persistent`). A component is
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import fnmatch
+import hashlib
 import json
 import os
 import uuid
@@ -50,8 +54,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-STATE_FORMAT_VERSION = 1
+STATE_FORMAT_VERSION = 2  # 2 records a checksum of the tensors; 1 (no checksum) still loads
+STATE_FORMATS = (1, 2)
 PARTS = ("mixer", "channel")
+_META_TYPES = {
+    "config_hash": (str, type(None)),
+    "tokens_seen": int,
+    "id": (str, type(None)),
+    "parent": (str, type(None)),
+}
 
 
 RESET_POLICIES = ("episode", "persistent")
@@ -75,6 +86,16 @@ def reset_policy_of(full: str, alias: str, policy: dict[str, str] | None = None)
     return "episode"  # unreachable: "*" matches everything
 
 
+def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of `tensors` (CPU, contiguous), in name order."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -85,6 +106,8 @@ class State:
 
     blocks: list[dict[str, dict[str, torch.Tensor]]]
     meta: dict[str, Any] = field(default_factory=dict)
+    # (config hash, batch size) this state was last found to fit (HybridLM.check_state); None: not yet checked
+    checked_for: tuple[str, int] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.meta.setdefault("config_hash", None)
@@ -117,16 +140,21 @@ class State:
         blocks = [{p: {n: fn(t) for n, t in (b.get(p) or {}).items()} for p in PARTS} for b in self.blocks]
         return State(blocks, dict(self.meta))
 
+    def _same_shapes(self, fn) -> State:
+        out = self.map(fn)
+        out.checked_for = self.checked_for  # fn keeps every shape, so what fitted still fits
+        return out
+
     def detach(self) -> State:
         """Cut the autograd graph (truncated backpropagation through time)."""
-        return self.map(lambda t: t.detach())
+        return self._same_shapes(lambda t: t.detach())
 
     def clone(self) -> State:
-        return self.map(lambda t: t.clone())
+        return self._same_shapes(lambda t: t.clone())
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> State:
         """Move tensors to `device`; cast floating-point tensors to `dtype` (counters stay int64)."""
-        return self.map(lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else None))
+        return self._same_shapes(lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else None))
 
     def continued(self, tokens: int, config_hash: str | None) -> dict[str, Any]:
         """Metadata for the state that follows this one after `tokens` more tokens."""
@@ -206,39 +234,111 @@ class State:
             )
 
     # --- persistence --------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The state as JSON primitives and CPU tensors: what `save` writes and training checkpoints carry.
+
+        {"format", "meta", "layout": [{part: [names]} per block], "checksum", "tensors": {flat name: tensor}};
+        metadata values that are not JSON primitives are left out.
+        """
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self._items()}
+        return {
+            "format": STATE_FORMAT_VERSION,
+            "meta": {k: v for k, v in self.meta.items() if isinstance(v, (str, int, float, bool, type(None)))},
+            "layout": [{p: sorted((b.get(p) or {}).keys()) for p in PARTS} for b in self.blocks],
+            "checksum": tensors_checksum(tensors),
+            "tensors": tensors,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any, source: str = "State", device: str | torch.device | None = None) -> State:
+        """The state of `to_dict`'s output, validated; any defect is a one-line ValueError naming `source`.
+
+        Checked: a known format, a layout of names per block and part, exactly the tensors the layout
+        names, metadata types, the checksum (format 2) and that every floating-point tensor is finite.
+        A dict without "format" is a training checkpoint's state from before the format was recorded (1).
+        """
+        from nestlm.models.loading import check_finite
+
+        def bad(what: str) -> ValueError:
+            return ValueError(f"{source}: {what}")
+
+        if not isinstance(d, dict):
+            raise bad(f"expected a state mapping, got a {type(d).__name__}")
+        fmt = d.get("format", 1)
+        if fmt not in STATE_FORMATS:
+            raise bad(f"unknown state format {fmt!r} (this nestlm reads formats {list(STATE_FORMATS)})")
+        layout, meta, tensors = d.get("layout"), d.get("meta"), d.get("tensors")
+        if not isinstance(layout, list) or not all(
+            isinstance(b, dict)
+            and set(b) <= set(PARTS)
+            and all(isinstance(n, list) and all(isinstance(x, str) for x in n) for n in b.values())
+            for b in layout
+        ):
+            raise bad(f"the layout must be a list of {{part: [tensor names]}} per block with parts in {PARTS}")
+        if not isinstance(meta, dict):
+            raise bad("the metadata must be a mapping")
+        for key, types in _META_TYPES.items():
+            if key in meta and (isinstance(meta[key], bool) or not isinstance(meta[key], types)):
+                raise bad(f"metadata {key}={meta[key]!r} has the wrong type")
+        if meta.get("tokens_seen", 0) < 0:
+            raise bad(f"metadata tokens_seen={meta['tokens_seen']!r} is negative")
+        if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+            raise bad("the tensors must be a mapping of names to tensors")
+        names = [f"blocks.{i}.{p}.{n}" for i, b in enumerate(layout) for p in PARTS for n in b.get(p, [])]
+        missing, extra = sorted(set(names) - set(tensors)), sorted(set(tensors) - set(names))
+        if missing or extra:
+            raise bad(f"the tensors do not match the layout: missing {missing[:4]}, unexpected {extra[:4]}")
+        if "checksum" in d and d["checksum"] != tensors_checksum(tensors):
+            raise bad("the tensors do not match the recorded checksum (the file is corrupted or was edited)")
+        check_finite(tensors, source, "state tensor")
+        dev = (lambda t: t.to(device)) if device is not None else (lambda t: t)
+        blocks = [
+            {p: {n: dev(tensors[f"blocks.{i}.{p}.{n}"]) for n in b.get(p, [])} for p in PARTS}
+            for i, b in enumerate(layout)
+        ]
+        return cls(blocks, dict(meta))
+
     def save(self, path: str | os.PathLike) -> str:
         """Write a snapshot to `path` (a .safetensors file) atomically; returns the snapshot id."""
         path = Path(path)
+        if path.is_dir():
+            raise IsADirectoryError(f"State.save: {path} is a directory; expected a file path (e.g. state.safetensors)")
         if self.meta["id"] is None:
             self.meta["id"] = uuid.uuid4().hex
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self._items()}
-        layout = [{p: sorted((b.get(p) or {}).keys()) for p in PARTS} for b in self.blocks]
-        header = {"nestlm_state": json.dumps({"format": STATE_FORMAT_VERSION, "meta": self.meta, "layout": layout})}
+        d = self.to_dict()
+        tensors = d.pop("tensors")
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-        save_file(tensors, str(tmp), metadata=header)
-        os.replace(tmp, path)  # a crash mid-write never leaves a truncated snapshot at `path`
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            save_file(tensors, str(tmp), metadata={"nestlm_state": json.dumps(d)})
+            os.replace(tmp, path)  # a crash mid-write never leaves a truncated snapshot at `path`
+        finally:
+            tmp.unlink(missing_ok=True)
         return self.meta["id"]
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> State:
-        """Read a snapshot written by `save`. The result's `parent`-to-be is this snapshot's id."""
+        """Read a snapshot written by `save`, validated (see `from_dict`). Its id becomes the parent of what follows."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"State.load: no state file at {path}")
         try:
-            with safe_open(str(path), framework="pt", device=str(device)) as f:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
                 header = (f.metadata() or {}).get("nestlm_state")
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as e:  # safetensors raises several types for truncated / foreign files
             raise ValueError(f"State.load: {path} is not a readable safetensors state file ({e})") from None
         if header is None:
             raise ValueError(f"State.load: {path} has no nestlm state metadata (not written by State.save)")
-        info = json.loads(header)
-        blocks = []
-        for i, parts in enumerate(info["layout"]):
-            blocks.append({p: {n: tensors[f"blocks.{i}.{p}.{n}"] for n in parts.get(p, [])} for p in PARTS})
-        return cls(blocks, dict(info["meta"]))
+        try:
+            d = json.loads(header)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"State.load: {path} has a damaged state header ({e})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"State.load: {path} has a damaged state header (not a mapping)")
+        if "format" not in d:
+            raise ValueError(f"State.load: {path} has a damaged state header (no format version)")
+        return cls.from_dict({**d, "tensors": tensors}, source=f"State.load: {path}", device=device)
 
     def check_compatible(self, config_hash: str, n_blocks: int) -> None:
         if self.config_hash is not None and self.config_hash != config_hash:
