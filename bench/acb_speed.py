@@ -38,7 +38,7 @@ def worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     if args.ckpt:
-        from nestlm.eval.loading import load_model
+        from nestlm.models.loading import load_model
 
         model, _ = load_model(args.ckpt)
     else:

@@ -20,9 +20,10 @@ import torch
 
 import nestlm
 from nestlm import envs as env_lib
-from nestlm.eval.loading import DEFAULT_CONTEXT
 from nestlm.eval.report import coherence_horizon, finite_or_none, horizon_summary, lag_summary, peak_rss_mb
 from nestlm.eval.scoring import closed_loop, score_episode
+
+DEFAULT_CONTEXT = 2048  # assumed training context when a checkpoint does not record one
 
 REPORT_KEYS = (
     "nestlm_version",

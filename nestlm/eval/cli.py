@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from nestlm.cli import ArgumentParser, UsageError, command
 from nestlm.credentials import has_wandb_credentials
 from nestlm.envs import parse_envs
 from nestlm.eval.bench import AUTO
@@ -23,9 +24,9 @@ def _ints(flag: str, text: str) -> list[int]:
     try:
         vals = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"{flag}={text!r} is invalid: expected comma-separated positive ints") from None
+        raise UsageError(f"{flag}={text!r} is invalid: expected comma-separated positive ints") from None
     if not vals or any(v < 1 for v in vals):
-        raise ValueError(f"{flag}={text!r} is invalid: expected comma-separated positive ints")
+        raise UsageError(f"{flag}={text!r} is invalid: expected comma-separated positive ints")
     return vals
 
 
@@ -37,12 +38,12 @@ def parse_episodes(text: str, horizons: list[int]) -> dict[int, int]:
     if len(vals) == 1:
         return {h: vals[0] for h in horizons}
     if len(vals) != len(horizons):
-        raise ValueError(f"--episodes={text!r} is invalid: expected one count or one per horizon ({len(horizons)})")
+        raise UsageError(f"--episodes={text!r} is invalid: expected one count or one per horizon ({len(horizons)})")
     return dict(zip(horizons, vals))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nestlm eval", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="nestlm eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="Lightning .ckpt or export folder (config.json + model.safetensors)")
     p.add_argument(
         "--envs", default="ledger,shell,courier", help="comma-separated environments, ENV or ENV:LEVEL (ledger:1,mqar)"
@@ -126,42 +127,63 @@ def log_wandb(report: dict, info: dict, args: argparse.Namespace) -> str:
     return path
 
 
+def check_args(args: argparse.Namespace) -> tuple[list[int], dict[int, int], list[str]]:
+    """(horizons, episodes, envs) from the command line, or a UsageError naming the flag."""
+    horizons = _ints("--horizons", args.horizons)
+    episodes = parse_episodes(args.episodes, horizons)
+    try:
+        envs = parse_envs(args.envs, "--envs")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if args.attn_window not in ("auto", "none"):
+        args.attn_window = _ints("--attn-window", args.attn_window)[0]
+    if not Path(args.ckpt).exists():
+        raise UsageError(f"--ckpt {args.ckpt} does not exist")
+    for flag, path in (("--out", args.out), ("--plot", args.plot)):
+        if path and Path(path).is_dir():
+            raise UsageError(f"{flag} {path} is a folder; expected a file path")
+        if path and Path(path).exists() and not args.force:
+            raise UsageError(f"{flag} {path} exists; pass --force to overwrite it")
+    if args.split != "test" and max(horizons) > 200:
+        raise UsageError(f"--split={args.split} episodes are capped at 200 steps; use --split test")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads={args.threads} is invalid: expected an int >= 1")
+    if args.chunk_size < 1:
+        raise UsageError(f"--chunk-size={args.chunk_size} is invalid: expected an int >= 1")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        raise UsageError(f"--device {args.device!r} is invalid ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: this torch ({torch.__version__}) has no usable CUDA device")
+    return horizons, episodes, envs
+
+
+@command("eval")
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    try:
-        horizons = _ints("--horizons", args.horizons)
-        episodes = parse_episodes(args.episodes, horizons)
-        envs = parse_envs(args.envs, "--envs")
-        if args.attn_window not in ("auto", "none"):
-            args.attn_window = _ints("--attn-window", args.attn_window)[0]
-        for path in (args.out, args.plot):
-            if path and Path(path).exists() and not args.force:
-                raise ValueError(f"{path} exists; pass --force to overwrite it")
-        if args.split != "test" and max(horizons) > 200:
-            raise ValueError(f"--split={args.split} episodes are capped at 200 steps; use --split test")
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        from nestlm.eval.bench import run_benchmark
-        from nestlm.eval.loading import load_model
+    horizons, episodes, envs = check_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from nestlm.eval.bench import run_benchmark
+    from nestlm.models.loading import load_model
 
-        model, info = load_model(args.ckpt, args.device)
-        report = run_benchmark(
-            model,
-            envs,
-            horizons,
-            episodes,
-            seed=args.seed,
-            split=args.split,
-            chunk_size=args.chunk_size,
-            attn_window=args.attn_window,
-            trained_context=info["trained_context"],
-            closed_loop_eval=args.closed_loop,
-            device=args.device,
-            checkpoint=str(args.ckpt),
-            progress=not args.no_progress,
-        )
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"nestlm eval: {e}") from None
+    model, info = load_model(args.ckpt, args.device)
+    report = run_benchmark(
+        model,
+        envs,
+        horizons,
+        episodes,
+        seed=args.seed,
+        split=args.split,
+        chunk_size=args.chunk_size,
+        attn_window=args.attn_window,
+        trained_context=info["trained_context"],
+        closed_loop_eval=args.closed_loop,
+        device=args.device,
+        checkpoint=str(args.ckpt),
+        progress=not args.no_progress,
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -170,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.plot:
         from nestlm.eval.report import plot_report
 
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
         plot_report(report, args.plot)
     if args.wandb:
         report_dir = log_wandb(report, info, args)

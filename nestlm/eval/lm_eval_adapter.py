@@ -18,7 +18,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
 from nestlm.envs.tokenizer import get_tokenizer
-from nestlm.eval.loading import load_model
+from nestlm.models.loading import load_model
 
 
 class _AcbTok:

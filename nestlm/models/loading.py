@@ -46,13 +46,18 @@ class CheckpointError(ValueError):
     """A checkpoint, export folder or state that cannot be used; the message is one line naming the file."""
 
 
-def one_line(e: BaseException) -> str:
-    """`Type: message` of an exception on one line (torch.distributed.checkpoint's CheckpointException
-    is unwrapped to the error of its first failing rank)."""
+def root_error(e: BaseException) -> BaseException:
+    """`e`, or for torch.distributed.checkpoint's CheckpointException the error of its first failing rank."""
     failures = getattr(e, "failures", None)
     if isinstance(failures, dict) and failures:
         first = next(iter(failures.values()))
-        e = first[0] if isinstance(first, tuple) else first
+        return first[0] if isinstance(first, tuple) else first
+    return e
+
+
+def one_line(e: BaseException) -> str:
+    """`Type: message` of an exception (root_error) on one line."""
+    e = root_error(e)
     text = " ".join(str(e).split())
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
@@ -344,7 +349,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
         info["kind"] = "ckpt"
         info["trained_context"] = _trained_context(ckpt)
     elif p.is_dir():
-        raise FileNotFoundError(
+        raise CheckpointError(
             f"{p} is a folder without config.json or {META_FILE} (expected an export folder or a sharded checkpoint)"
         )
     else:

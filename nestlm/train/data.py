@@ -408,9 +408,14 @@ class TokenShards(_StreamDataModule):
             raise FileNotFoundError(
                 f"TokenShards.data_dir: no meta.json in {self.data_dir} (write shards with `nestlm prepare-data`)"
             )
-        self.meta = json.loads(meta_file.read_text())
-        self.eos_id, self.vocab_size = int(self.meta["eos_id"]), int(self.meta["vocab_size"])
-        self.dtype = np.dtype(self.meta["dtype"])
+        try:
+            self.meta = json.loads(meta_file.read_text())
+            self.eos_id, self.vocab_size = int(self.meta["eos_id"]), int(self.meta["vocab_size"])
+            self.dtype = np.dtype(self.meta["dtype"])
+        except (ValueError, TypeError, KeyError) as e:  # JSONDecodeError is a ValueError
+            raise ValueError(
+                f"TokenShards.data_dir: {meta_file} is not a prepare-data meta.json ({type(e).__name__}: {e})"
+            ) from None
         self.val_batches_n = val_batches_n
         self._splits: dict[str, tuple[list[np.memmap], np.ndarray]] = {}
 
@@ -422,6 +427,8 @@ class TokenShards(_StreamDataModule):
                 raise FileNotFoundError(f"TokenShards.data_dir: no {split}_*.bin shards in {self.data_dir}")
             shards, starts = [], []
             for i, f in enumerate(files):
+                if f.stat().st_size < self.dtype.itemsize:
+                    raise ValueError(f"TokenShards.data_dir: {f} is empty (no {split} documents); re-run prepare-data")
                 arr = np.memmap(f, dtype=self.dtype, mode="r")
                 shards.append(arr)
                 doc_starts = np.concatenate([[0], np.flatnonzero(arr == self.eos_id) + 1]).astype(np.int64)

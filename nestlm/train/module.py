@@ -25,6 +25,7 @@ import yaml
 from torch.utils.checkpoint import checkpoint
 
 from nestlm.models import HybridConfig, HybridLM, next_token_loss
+from nestlm.models.loading import CARRY_KEY
 from nestlm.models.state import State
 from nestlm.train.callbacks import check_finite_loss
 
@@ -34,7 +35,10 @@ def read_config_file(path: str) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"LitHybridLM.config: no model config file at {p}")
-    d = yaml.safe_load(p.read_text())
+    try:
+        d = yaml.safe_load(p.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ValueError(f"LitHybridLM.config: {p} is not valid YAML ({' '.join(str(e).split())})") from None
     if not isinstance(d, dict):
         raise ValueError(f"LitHybridLM.config: {p} does not hold a mapping of HybridConfig fields")
     return d
@@ -73,22 +77,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
         {"params": decay, "weight_decay": weight_decay, "name": "decay"},
         {"params": keep, "weight_decay": 0.0, "name": "no_decay"},
     ]
-
-
-def _state_to_dict(state: State) -> dict[str, Any]:
-    return {
-        "tensors": {k: v.detach().cpu() for k, v in state.flat().items()},
-        "layout": [{p: sorted(b.get(p, {})) for p in ("mixer", "channel")} for b in state.blocks],
-        "meta": {k: v for k, v in state.meta.items() if isinstance(v, (str, int, float, type(None)))},
-    }
-
-
-def _state_from_dict(d: dict[str, Any], device: torch.device) -> State:
-    blocks = [
-        {p: {n: d["tensors"][f"blocks.{i}.{p}.{n}"].to(device) for n in names} for p, names in parts.items()}
-        for i, parts in enumerate(d["layout"])
-    ]
-    return State(blocks, dict(d["meta"]))
 
 
 @torch.no_grad()
@@ -171,6 +159,16 @@ class LitHybridLM(L.LightningModule):
         if compile_blocks:
             for blk in self.model.blocks:
                 blk.compile()
+
+    def setup(self, stage: str) -> None:
+        # a token id past the embedding would fail deep inside the first forward
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        vocab = getattr(dm, "vocab_size", None)
+        if isinstance(vocab, int) and vocab > self.cfg.vocab_size:
+            raise ValueError(
+                f"{type(dm).__name__}: the data's vocab_size is {vocab} but the model's is {self.cfg.vocab_size}; "
+                f"train a model with vocab_size >= {vocab} (e.g. --model.overrides '{{vocab_size: {vocab}}}')"
+            )
 
     # --- forward / loss -------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, state: State | None = None):
@@ -302,8 +300,8 @@ class LitHybridLM(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["nestlm_config"] = self.cfg.to_dict()
         if self._carry is not None:
-            checkpoint["nestlm_carry_state"] = _state_to_dict(self._carry)
+            checkpoint[CARRY_KEY] = self._carry.to_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        carry = checkpoint.get("nestlm_carry_state")
-        self._carry = None if carry is None else _state_from_dict(carry, self.device)
+        carry = checkpoint.get(CARRY_KEY)
+        self._carry = None if carry is None else State.from_dict(carry, f"checkpoint {CARRY_KEY}", self.device)

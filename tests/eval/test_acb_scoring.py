@@ -16,10 +16,10 @@ from nestlm.envs.mqar import VALUES
 from nestlm.envs.tokenizer import get_tokenizer
 from nestlm.eval.bench import REPORT_KEYS, run_benchmark
 from nestlm.eval.cli import main as eval_main
-from nestlm.eval.loading import load_model
 from nestlm.eval.report import adjusted, bootstrap_ci, coherence_horizon, horizon_summary, lag_summary
 from nestlm.eval.scoring import closed_loop, score_episode, score_predictions, stream_argmax
 from nestlm.models import HybridConfig, HybridLM
+from nestlm.models.loading import load_model
 
 
 class ScriptedModel(torch.nn.Module):

@@ -6,7 +6,7 @@ import torch
 from train_helpers import fit_argv, losses, make_shards, run_cli
 
 from nestlm.models import HybridLM
-from nestlm.train.checkpoint import model_state_dict, read_checkpoint
+from nestlm.models.loading import model_state_dict, read_checkpoint
 
 
 def test_ddp_cpu_two_processes_then_single_process_resume(tmp_path):

@@ -11,7 +11,7 @@ import torch
 from train_helpers import fit_argv, make_shards, run_cli
 
 from nestlm.models import HybridLM
-from nestlm.train.checkpoint import model_state_dict, read_checkpoint
+from nestlm.models.loading import model_state_dict, read_checkpoint
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
