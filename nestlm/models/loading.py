@@ -267,7 +267,7 @@ def _read_sharded(path: Path, source: str, keys: list[str] | None) -> dict[str, 
 
     class Reader(FileSystemReader):
         def read_metadata(self, *args: Any, **kwargs: Any):
-            md = read_dcp_metadata(Path(self.path))
+            # read (and refused) before DCP runs, so its fallback paths never see a bad file
             if getattr(md, "storage_meta", None) is None:
                 md.storage_meta = StorageMeta()
             md.storage_meta.load_id = self.load_id
@@ -285,6 +285,7 @@ def _read_sharded(path: Path, source: str, keys: list[str] | None) -> dict[str, 
     sd: dict[str, Any] = {}
     try:
         meta = torch.load(path / META_FILE, map_location="cpu", weights_only=True)
+        md = read_dcp_metadata(path)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "torch.distributed is not initialised": reading in one process is meant
             _load_state_dict(sd, storage_reader=Reader(path), planner=Planner(keys=keys), no_dist=True)

@@ -139,6 +139,9 @@ class RunCheckpoint(ModelCheckpoint):
         return re.compile(".+?".join(literal) + r"(-v\d+)?" + re.escape(self.FILE_EXTENSION) + "$")
 
     def _adopt_untracked(self, trainer) -> None:
+        """Rank the untracked checkpoints of this callback with the tracked ones and keep the top k; an
+        untracked one from after the resumed step is removed (the resumed run writes that step again,
+        which would otherwise become `<name>-v1.ckpt` beside it)."""
         own, tracked = self._own_names(), {os.path.abspath(p) for p in self.best_k_models}
         last = re.compile(rf"^{self.CHECKPOINT_NAME_LAST}(-v\d+)?{re.escape(self.FILE_EXTENSION)}$")
         if not os.path.isdir(self.dirpath):
@@ -147,8 +150,13 @@ class RunCheckpoint(ModelCheckpoint):
             path = os.path.join(self.dirpath, name)
             if last.match(name) or not own.match(name) or os.path.abspath(path) in tracked:
                 continue
-            score = saved_score(path, self.state_key)
-            if score is not None:
+            ck = _load_meta(path)
+            score = saved_score(ck, self.state_key)
+            if score is None:
+                continue  # not this callback's (or unreadable): left alone
+            if isinstance(ck.get("global_step"), int) and ck["global_step"] > trainer.global_step:
+                self._remove_checkpoint(trainer, path)
+            else:
                 self.best_k_models[path] = score
         if not self.best_k_models:
             return
@@ -213,9 +221,8 @@ def _load_meta(path: str) -> dict[str, Any] | None:
     return ck if isinstance(ck, dict) else None
 
 
-def saved_score(path: str, state_key: str) -> torch.Tensor | None:
-    """The monitored score a ModelCheckpoint (state key `state_key`) recorded when it saved `path`."""
-    ck = _load_meta(path)
+def saved_score(ck: dict[str, Any] | None, state_key: str) -> torch.Tensor | None:
+    """The monitored score a ModelCheckpoint (state key `state_key`) recorded when it saved checkpoint `ck`."""
     state = ((ck or {}).get("callbacks") or {}).get(state_key) or {}
     score = state.get("current_score")
     if isinstance(score, torch.Tensor) and score.numel() == 1:

@@ -42,7 +42,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_only
 
-from nestlm.cli import UsageError, command, debug
+from nestlm.cli import CommandExit, UsageError, command, debug
 from nestlm.models.loading import checkpoint_config, read_checkpoint
 from nestlm.train.callbacks import LOSS_FILE, NonFiniteLossError
 from nestlm.train.checkpoint import after_nonfinite_stop, newest_last_checkpoint
@@ -77,7 +77,11 @@ def condense(message: str) -> str:
         line = line.strip()
         if line and not _NOISE.match(line) and not line.startswith("Parser key"):
             reasons.append(line.removeprefix("- "))
-    text = re.sub(r"<class '([\w.]+)'>", r"\1", "; ".join(reasons) or message)
+    text = re.sub(r"Expected a <class '([\w.]+)'>", r"expected \1", "; ".join(reasons) or message)
+    text = re.sub(r"<class '([\w.]+)'>", r"\1", text)
+    while m := re.match(r"--([\w.]+): ", text):  # a nested parser's message, condensed already
+        keys.append(m.group(1))
+        text = text[m.end() :]
     return f"--{'.'.join(keys)}: {text}" if keys else text
 
 
@@ -266,7 +270,8 @@ class NestCLI(LightningCLI):
                     f"the non-finite value, moved to {where}"
                     + ("; last.ckpt is now a copy of the good one)" if good else ")")
                 )
-            raise SystemExit(msg) from None
+            print(msg, file=sys.stderr, flush=True)
+            raise CommandExit(msg, 1) from None
 
     def after_fit(self) -> None:
         if not self.trainer.is_global_zero:
