@@ -95,7 +95,8 @@ class RunCheckpoint(ModelCheckpoint):
                 remove_stale_temp_files(folder)
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
-        params = [p for p in trainer.lightning_module.parameters()]
+        # local shards of sharded parameters: every rank checks its own, the decision is reduced
+        params = [p.to_local() if hasattr(p, "to_local") else p for p in trainer.lightning_module.parameters()]
         finite = bool(torch.stack([torch.isfinite(p).all() for p in params]).all()) if params else True
         if not trainer.strategy.reduce_boolean_decision(finite, all=True):
             raise NonFiniteLossError(

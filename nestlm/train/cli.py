@@ -37,7 +37,7 @@ from typing import Any
 import lightning as L
 import torch
 import yaml
-from jsonargparse import Namespace
+from jsonargparse import ActionYesNo, Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_only
@@ -155,7 +155,7 @@ class NestCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
             "--force",
-            type=bool,
+            action=ActionYesNo,
             default=False,
             help="fit: start afresh in a run directory that holds another run (its checkpoints and logs are removed)",
         )

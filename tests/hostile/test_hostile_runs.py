@@ -60,7 +60,7 @@ def test_fresh_fit_into_another_runs_folder(tmp_path, capfd, shards, trained):
     code, _, err = run(capfd, *fit_args(run_dir, shards, 2))
     assert_one_line(code, err, "fit", str(run_dir), "holds another run", "--force", exit_code=2)
     assert (run_dir / "losses.jsonl").read_text() == before and len(names(run_dir / "checkpoints")) == 4
-    code, _, err = run(capfd, *fit_args(run_dir, shards, 2, "--force", "true"))
+    code, _, err = run(capfd, *fit_args(run_dir, shards, 2, "--force"))
     assert code == 0, err[-3000:]
     assert names(run_dir / "checkpoints") == ["last.ckpt", "step=000001.ckpt", "step=000002.ckpt"]
     assert len((run_dir / "losses.jsonl").read_text().splitlines()) == 2
