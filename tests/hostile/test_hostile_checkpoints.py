@@ -192,3 +192,14 @@ def test_export_honours_the_umask(tmp_path, capfd):
     assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
     for f in (tmp_path / "out").iterdir():
         assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
+
+
+def test_expected_shapes_are_those_of_the_built_model():
+    """The loader checks weights against a model built on the meta device; it must be the real one."""
+    from nestlm.models import HybridConfig
+    from nestlm.models.loading import expected_shapes
+    from nestlm.models.presets import PRESETS
+
+    for name in PRESETS:
+        cfg = HybridConfig.preset(name, "tiny")
+        assert expected_shapes(cfg) == {k: tuple(v.shape) for k, v in HybridLM(cfg).state_dict().items()}, name
