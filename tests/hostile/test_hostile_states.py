@@ -136,7 +136,7 @@ def test_empty_inputs(layers):
     assert all(torch.equal(out.state.flat()[k], v) for k, v in s.flat().items())
     with pytest.raises(ValueError, match="no rows"):
         m(torch.zeros(0, 4, dtype=torch.long))
-    with pytest.raises(ValueError, match="at least one"):
+    with pytest.raises(ValueError, match="T >= 1"):
         m.generate(torch.zeros(1, 0, dtype=torch.long), 3)
 
 
