@@ -112,6 +112,7 @@ def one_run(arm: dict, lr: float, a: argparse.Namespace, work: Path) -> dict:
         "false",
         "--seed_everything",
         str(a.seed),
+        "--force",  # a run that is not in the results JSON (interrupted) starts over
     ]
     load0 = os.getloadavg()
     out, fit_wall, fit_cpu = run(fit, log, a.threads)
