@@ -115,6 +115,11 @@ def param_split(split: str) -> str:
     return "test" if split == "test" else "train"
 
 
+def level(train: dict[str, Any], **test: Any) -> dict[str, dict[str, Any]]:
+    """One difficulty level: the train-split parameters, and the test split as the values it holds out."""
+    return {"train": train, "test": {**train, **test}}
+
+
 LEGACY_LEVEL = 3  # the acb-1.0 benchmark: its seed strings carry no level, so its episodes are unchanged
 
 

@@ -35,6 +35,7 @@ from nestlm.envs.base import (
     Writer,
     check_args,
     final_window,
+    level,
     make_rng,
     name_pool,
     param_split,
@@ -51,16 +52,17 @@ _TEMPLATES = {
 # LEVELS[level][split]. Level 3 is the acb-1.0 benchmark (episodes unchanged); level 1 is a small
 # map with one or two items and frequent orders.
 LEVELS: dict[int, dict[str, dict[str, Any]]] = {
-    1: {
-        "train": dict(
-            n_rooms=[3, 4], n_items=[1, 2], order_gap=[1, 4], p_news=0.1, p_probe=0.2, templates=_TEMPLATES["train"]
-        ),
-        "test": dict(
-            n_rooms=[4], n_items=[2], order_gap=[2, 6], p_news=0.05, p_probe=0.1, templates=_TEMPLATES["test"]
-        ),
-    },
-    2: {
-        "train": dict(
+    1: level(
+        dict(n_rooms=[3, 4], n_items=[1, 2], order_gap=[1, 4], p_news=0.1, p_probe=0.2, templates=_TEMPLATES["train"]),
+        n_rooms=[4],
+        n_items=[2],
+        order_gap=[2, 6],
+        p_news=0.05,
+        p_probe=0.1,
+        templates=_TEMPLATES["test"],
+    ),
+    2: level(
+        dict(
             n_rooms=[4, 5, 6],
             n_items=[2, 3],
             order_gap=[1, 8],
@@ -68,12 +70,15 @@ LEVELS: dict[int, dict[str, dict[str, Any]]] = {
             p_probe=0.12,
             templates=_TEMPLATES["train"],
         ),
-        "test": dict(
-            n_rooms=[6], n_items=[3], order_gap=[6, 16], p_news=0.02, p_probe=0.05, templates=_TEMPLATES["test"]
-        ),
-    },
-    3: {
-        "train": dict(
+        n_rooms=[6],
+        n_items=[3],
+        order_gap=[6, 16],
+        p_news=0.02,
+        p_probe=0.05,
+        templates=_TEMPLATES["test"],
+    ),
+    3: level(
+        dict(
             n_rooms=[4, 5, 6, 8],
             n_items=[2, 3],
             order_gap=[1, 8],
@@ -81,10 +86,13 @@ LEVELS: dict[int, dict[str, dict[str, Any]]] = {
             p_probe=0.12,
             templates=_TEMPLATES["train"],
         ),
-        "test": dict(
-            n_rooms=[7], n_items=[4], order_gap=[8, 24], p_news=0.01, p_probe=0.01, templates=_TEMPLATES["test"]
-        ),
-    },
+        n_rooms=[7],
+        n_items=[4],
+        order_gap=[8, 24],
+        p_news=0.01,
+        p_probe=0.01,
+        templates=_TEMPLATES["test"],
+    ),
 }
 DEFAULT_LEVEL = 3
 P_PROBE_FINAL = 0.4

@@ -28,6 +28,7 @@ from nestlm.envs.base import (
     Writer,
     check_args,
     final_window,
+    level,
     make_rng,
     name_pool,
     param_split,
@@ -51,92 +52,65 @@ def _templates(split: str, arithmetic: bool) -> dict[str, list[str]]:
 # LEVELS[level][split]: the test split holds out parameter values and templates. Level 3 is the
 # acb-1.0 benchmark (its episodes are unchanged); level 1 is a key-value store (no arithmetic, a
 # few accounts, 2-digit codes, dense probes) that a tiny model learns on a CPU.
+def _level(arithmetic: bool, test: dict[str, Any], **train: Any) -> dict[str, dict[str, Any]]:
+    train = dict(modulus=100, arithmetic=arithmetic, templates=_templates("train", arithmetic), **train)
+    return level(train, templates=_templates("test", arithmetic), **test)
+
+
 LEVELS: dict[int, dict[str, dict[str, Any]]] = {
-    1: {
-        "train": dict(
-            n_accounts=[2, 3],
-            n_codes=[1, 2],
-            code_digits=2,
-            n_frozen=[0],
-            arithmetic=False,
-            modulus=100,
-            p_distract=[0.0, 0.1],
-            p_query=0.3,
-            p_recall=0.15,
-            p_overwrite=0.05,
-            templates=_templates("train", False),
-        ),
-        "test": dict(
-            n_accounts=[4],
-            n_codes=[2],
-            code_digits=2,
-            n_frozen=[0],
-            arithmetic=False,
-            modulus=100,
-            p_distract=[0.15, 0.15],
-            p_query=0.2,
-            p_recall=0.1,
-            p_overwrite=0.02,
-            templates=_templates("test", False),
-        ),
-    },
-    2: {
-        "train": dict(
-            n_accounts=[3, 4],
-            n_codes=[2, 3],
-            code_digits=3,
-            n_frozen=[0, 1],
-            arithmetic=True,
-            modulus=100,
-            p_distract=[0.1, 0.25],
-            p_query=0.2,
-            p_recall=0.1,
-            p_overwrite=0.04,
-            templates=_templates("train", True),
-        ),
-        "test": dict(
+    1: _level(
+        False,
+        dict(n_accounts=[4], n_codes=[2], p_distract=[0.15, 0.15], p_query=0.2, p_recall=0.1, p_overwrite=0.02),
+        n_accounts=[2, 3],
+        n_codes=[1, 2],
+        code_digits=2,
+        n_frozen=[0],
+        p_distract=[0.0, 0.1],
+        p_query=0.3,
+        p_recall=0.15,
+        p_overwrite=0.05,
+    ),
+    2: _level(
+        True,
+        dict(
             n_accounts=[5],
             n_codes=[4],
-            code_digits=3,
             n_frozen=[1],
-            arithmetic=True,
-            modulus=100,
             p_distract=[0.3, 0.3],
             p_query=0.08,
             p_recall=0.02,
             p_overwrite=0.01,
-            templates=_templates("test", True),
         ),
-    },
-    3: {
-        "train": dict(
-            n_accounts=[3, 4, 6, 8],
-            n_codes=[2, 3, 4, 8],
-            code_digits=4,
-            n_frozen=[0, 1],
-            arithmetic=True,
-            modulus=100,
-            p_distract=[0.15, 0.35],
-            p_query=0.12,
-            p_recall=0.06,
-            p_overwrite=0.04,
-            templates=_templates("train", True),
-        ),
-        # sparser probes and overwrites outside the scored window, so distant facts stay distant
-        "test": dict(
+        n_accounts=[3, 4],
+        n_codes=[2, 3],
+        code_digits=3,
+        n_frozen=[0, 1],
+        p_distract=[0.1, 0.25],
+        p_query=0.2,
+        p_recall=0.1,
+        p_overwrite=0.04,
+    ),
+    # the test split: sparser probes and overwrites outside the scored window, so distant facts stay distant
+    3: _level(
+        True,
+        dict(
             n_accounts=[5],
             n_codes=[6],
-            code_digits=4,
             n_frozen=[1],
-            arithmetic=True,
-            modulus=100,
             p_distract=[0.45, 0.45],
             p_query=0.03,
             p_recall=0.003,
             p_overwrite=0.002,
-            templates=_templates("test", True),
         ),
-    },
+        n_accounts=[3, 4, 6, 8],
+        n_codes=[2, 3, 4, 8],
+        code_digits=4,
+        n_frozen=[0, 1],
+        p_distract=[0.15, 0.35],
+        p_query=0.12,
+        p_recall=0.06,
+        p_overwrite=0.04,
+    ),
 }
 DEFAULT_LEVEL = 3
 P_PROBE_FINAL = 0.4  # probe rate in the scored final window

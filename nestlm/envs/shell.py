@@ -27,6 +27,7 @@ from nestlm.envs.base import (
     Writer,
     check_args,
     final_window,
+    level,
     make_rng,
     name_pool,
     param_split,
@@ -40,16 +41,17 @@ _TEMPLATES = {
 # LEVELS[level][split]. Level 3 is the acb-1.0 benchmark (episodes unchanged); level 1 has three
 # cups, swaps only and a reveal every 1-3 steps, so an answer composes at most a few moves.
 LEVELS: dict[int, dict[str, dict[str, Any]]] = {
-    1: {
-        "train": dict(
+    1: level(
+        dict(
             n_cups=[3], moves=["swap"], p_idle=[0.0, 0.2], reveal_gap=[1, 3], p_probe=0.3, templates=_TEMPLATES["train"]
         ),
-        "test": dict(
-            n_cups=[3], moves=["swap"], p_idle=[0.3, 0.3], reveal_gap=[2, 4], p_probe=0.2, templates=_TEMPLATES["test"]
-        ),
-    },
-    2: {
-        "train": dict(
+        p_idle=[0.3, 0.3],
+        reveal_gap=[2, 4],
+        p_probe=0.2,
+        templates=_TEMPLATES["test"],
+    ),
+    2: level(
+        dict(
             n_cups=[3, 4],
             moves=["swap", "cyc"],
             p_idle=[0.1, 0.4],
@@ -57,17 +59,14 @@ LEVELS: dict[int, dict[str, dict[str, Any]]] = {
             p_probe=0.2,
             templates=_TEMPLATES["train"],
         ),
-        "test": dict(
-            n_cups=[4],
-            moves=["swap", "cyc"],
-            p_idle=[0.5, 0.5],
-            reveal_gap=[10, 20],
-            p_probe=0.15,
-            templates=_TEMPLATES["test"],
-        ),
-    },
-    3: {
-        "train": dict(
+        n_cups=[4],
+        p_idle=[0.5, 0.5],
+        reveal_gap=[10, 20],
+        p_probe=0.15,
+        templates=_TEMPLATES["test"],
+    ),
+    3: level(
+        dict(
             n_cups=[3, 4, 6],
             moves=["swap", "cyc", "rot"],
             p_idle=[0.2, 0.5],
@@ -75,15 +74,11 @@ LEVELS: dict[int, dict[str, dict[str, Any]]] = {
             p_probe=0.15,
             templates=_TEMPLATES["train"],
         ),
-        "test": dict(
-            n_cups=[5],
-            moves=["swap", "cyc", "rot"],
-            p_idle=[0.6, 0.6],
-            reveal_gap=[50, 150],
-            p_probe=0.15,
-            templates=_TEMPLATES["test"],
-        ),
-    },
+        n_cups=[5],
+        p_idle=[0.6, 0.6],
+        reveal_gap=[50, 150],
+        templates=_TEMPLATES["test"],
+    ),
 }
 DEFAULT_LEVEL = 3
 P_PROBE_FINAL = 0.25
