@@ -113,6 +113,7 @@ def one_run(arm: dict, lr: float, a: argparse.Namespace, work: Path) -> dict:
         "--seed_everything",
         str(a.seed),
         "--force",  # a run that is not in the results JSON (interrupted) starts over
+        *shlex.split(a.fit_args),
     ]
     load0 = os.getloadavg()
     out, fit_wall, fit_cpu = run(fit, log, a.threads)
@@ -146,6 +147,7 @@ def one_run(arm: dict, lr: float, a: argparse.Namespace, work: Path) -> dict:
         "lr": lr,
         "steps": a.steps,
         "recipe": a.recipe,
+        "fit_args": a.fit_args,
         "fit_command": "python -m nestlm " + shlex.join(fit[3:]),
         "eval_command": "python -m nestlm " + shlex.join(ev[3:]),
         "fit_wall_s": fit_wall,
@@ -158,6 +160,10 @@ def one_run(arm: dict, lr: float, a: argparse.Namespace, work: Path) -> dict:
         "eval": {h: summarise(report, h) for h in a.horizons.split(",")},
         "report": report,
     }
+
+
+def run_key(row: dict) -> tuple:
+    return row["arm"], row["lr"], row["steps"], row["recipe"], row.get("fit_args", "")
 
 
 def table(rows: list[dict], horizon: str) -> str:
@@ -183,6 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--envs", required=True, help="envs to evaluate (ENV or ENV:LEVEL, comma-separated)")
     p.add_argument("--horizons", default="20")
+    p.add_argument("--fit-args", default="", help="more `nestlm fit` arguments for every run (quoted)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", required=True, help="results JSON (bench/results/acb_sweep/NAME.json)")
@@ -198,13 +205,13 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for arm in arms:
         for lr in lrs:
-            key = (arm["name"], lr, a.steps, a.recipe)
-            row = next((r for r in done if (r["arm"], r["lr"], r["steps"], r["recipe"]) == key), None)
+            key = (arm["name"], lr, a.steps, a.recipe, a.fit_args)
+            row = next((r for r in done if run_key(r) == key), None)
             if row is None:
                 print(f"acb_sweep: {arm['name']} lr={lr:g} ({a.steps} steps)", flush=True)
                 row = one_run(arm, lr, a, work)
             rows.append(row)
-            done = [r for r in done if (r["arm"], r["lr"], r["steps"], r["recipe"]) != key] + [row]
+            done = [r for r in done if run_key(r) != key] + [row]
             write(out, a, done)
     h = a.horizons.split(",")[0]
     print(table(rows, h))
