@@ -242,7 +242,7 @@ def test_mlp_inner_gradients_equal_torch_func_grad(objective):
         return -((aux * t_aux).sum() + (mem * t_mem).sum())
 
     auto = torch.func.grad(inner_loss)(W)
-    closed = aux_grads(W, k, v, c, objective) + mem_grads(W, k, t_mem, objective)
+    closed = aux_grads(W, k, v, c, objective) + mem_grads(W, k, v, "self", objective)
     assert sorted(layer for layer, _, _ in closed) == sorted(W)
     for layer, key, g_out in closed:
         assert rel(g_out.transpose(-1, -2) @ key, auto[layer]) <= 1e-12, layer

@@ -58,7 +58,9 @@ from nestlm.ops.hope.common import (
     piece_groups,
 )
 
-# (A_D, A_S, F, FS, cS, const): D_n = D_s A_D + S_s A_S + const + E^T F;  S_n = cS S_s + E^T FS
+# (B, cD, cS_D, FS, cS, const): the segment end is D_n = cat(D_s, S_s, E^T) @ B + const for dgd, where
+# B stacks [A_D; A_S; F] ([2c + s, c], [c + s, c] without momentum), and cD D_s + cS_D S_s + E^T B
+# (B = F, cD and cS_D scalars) for gd; S_n = cS S_s + E^T FS. Unused entries are None.
 Transition = tuple
 
 
@@ -67,6 +69,11 @@ def _masks(s: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """[s, s] masks of i < j (strictly lower) and i <= j, built once per segment length."""
     lower = torch.ones(s, s, dtype=torch.bool, device=device).tril()
     return lower.tril(-1), lower
+
+
+@functools.lru_cache(maxsize=64)
+def _eye(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.eye(n, dtype=dtype, device=device)
 
 
 def _transition(
@@ -79,8 +86,9 @@ def _transition(
     G = log_retain.cumsum(-1)
     g_end = torch.exp(G[..., -1:] - G)  # g(n, j)
     a_end = torch.exp(G[..., -1:])[..., None]  # g(n, 0) [..., 1, 1]
-    A_S = FS = cS = None
-    if log_momentum is not None:
+    momentum = log_momentum is not None
+    FS = cS = b_end = None
+    if momentum:
         Mc = log_momentum.cumsum(-1)
         Mu = torch.exp((Mc[..., :, None] - Mc[..., None, :]).masked_fill(~lower, float("-inf")))
         wE = -lr * (g_end[..., None, :] @ Mu)[..., 0, :]
@@ -91,39 +99,46 @@ def _transition(
     else:
         wE = -lr * g_end
     if not delta:
-        return a_end, (b_end if log_momentum is not None else None), wE[..., None] * K, FS, cS, None
+        return wE[..., None] * K, a_end, b_end, FS, cS, None
     G_prev = G - log_retain
     Gm = torch.exp((G_prev[..., :, None] - G[..., None, :]).masked_fill(~strict, float("-inf")))  # g(j-1, i)
     KK = K @ K.transpose(-1, -2)
-    eye_s = torch.eye(s, dtype=K.dtype, device=K.device)
-    L = Gm * KK * lr[..., None, :]
-    T = torch.linalg.solve_triangular(L + eye_s, eye_s.expand_as(L), upper=False, unitriangular=True)
+    eye_s = _eye(s, K.dtype, K.device)
+    T = torch.linalg.solve_triangular(
+        Gm * KK * lr[..., None, :] + eye_s, eye_s.expand(KK.shape), upper=False, unitriangular=True
+    )
     WYK = (-lr * g_end)[..., None] * K  # the weights of the y_l in D_n, times k_l
-    eye_c = torch.eye(c, dtype=K.dtype, device=K.device)
-    A_D = a_end * eye_c + (T @ (torch.exp(G_prev)[..., None] * K)).transpose(-1, -2) @ WYK
-    C = Gm @ Mu if log_momentum is not None else Gm
-    F = wE[..., None] * K - (T @ (C * KK * lr[..., None, :])).transpose(-1, -2) @ WYK
-    if log_momentum is not None:
-        bS = (Gm * m_acc[..., None, :]).sum(-1)
-        A_S = b_end * eye_c + (T @ (bS[..., None] * K)).transpose(-1, -2) @ WYK
-    const = None if rest is None else rest @ ((T @ K).transpose(-1, -2) @ WYK)
-    return A_D, A_S, F, FS, cS, const
+    # every product with T and with WYK in one matmul each: columns for A_D, A_S, A_R and F
+    C = Gm @ Mu if momentum else Gm
+    cols = [torch.exp(G_prev)[..., None] * K]
+    if momentum:
+        cols.append((Gm * m_acc[..., None, :]).sum(-1)[..., None] * K)
+    if rest is not None:
+        cols.append(K)
+    cols.append(C * KK * lr[..., None, :])
+    cols = [x.expand(KK.shape[:-2] + x.shape[-2:]) for x in cols]
+    parts = list(((T @ torch.cat(cols, -1)).transpose(-1, -2) @ WYK).split([c] * (len(cols) - 1) + [s], -2))
+    eye_c = _eye(c, K.dtype, K.device)
+    blocks = [a_end * eye_c + parts.pop(0)]
+    if momentum:
+        blocks.append(b_end * eye_c + parts.pop(0))
+    const = None if rest is None else rest @ parts.pop(0)
+    blocks.append(wE[..., None] * K - parts.pop(0))
+    return torch.cat(blocks, -2), None, None, FS, cS, const
 
 
 def _apply(D: Tensor, S: Tensor | None, E: Tensor, tr: Transition, delta: bool) -> tuple[Tensor, Tensor | None]:
     """A segment's end state from its start D, S [..., r, c] and errors E [..., s, r]."""
-    A_D, A_S, F, FS, cS, const = tr
+    B, cD, cSD, FS, cS, const = tr
     Et = E.transpose(-1, -2)
     if delta:
-        new = D @ A_D + Et @ F
-        if S is not None:
-            new = new + S @ A_S
+        new = torch.cat([D, Et] if S is None else [D, S, Et], -1) @ B
         if const is not None:
             new = new + const
     else:
-        new = torch.addcmul(Et @ F, A_D, D)
+        new = torch.addcmul(Et @ B, cD, D)
         if S is not None:
-            new = torch.addcmul(new, A_S, S)
+            new = torch.addcmul(new, cSD, S)
     if S is not None:
         S = torch.addcmul(Et @ FS, cS, S)
     return new, S
@@ -270,8 +285,7 @@ def dgd_scan(
             A.update({layer: anchor(layer) for layer in MEM_LAYERS[memory]})
         M = {layer: A[layer] for layer in MEM_LAYERS[memory]}
         anchors.append(M)
-        target_s = mem_read(M, v_s)[0] if target == "self" else v_s
-        for layer, key, g in mem_grads(M, k_s, target_s, objective):
+        for layer, key, g in mem_grads(M, k_s, v_s, target, objective):
             step(layer, key, g, lr_s, lk_s, lm_s, tr if layer == first else None)
     o = _read_pieces(anchors, q, sizes, chunk_size)
     return o.transpose(1, 2).contiguous(), _new_state(state, memory, momentum, D, S, A, rest, pos + t)

@@ -103,24 +103,34 @@ def aux_grads(A: dict[str, Tensor], k: Tensor, v: Tensor, c: int, objective: str
     NL eq. 84). Objective "l2": L = 1/2 ||M(k) - target||^2, so g = M(k) - target at the output;
     "dot": L = -<M(k), target> (eq. 92), so g = -target.
     """
-    kk, vk, zk, cache = aux_read(A, k, c)
-    kv, vv, zv, _ = aux_read(A, v, c)
+    s = k.shape[-2]
+    *outs, cache = aux_read(A, torch.cat((k, v), -2), c)  # one read at the keys and the values together
+    (kk, kv), (vk, vv), (zk, zv) = (y.split(s, -2) for y in outs)
     if objective == "l2":
         g_kv, g_gate = torch.stack((kk - kv, vk - vv), 2), zk - zv  # [b, h, 2, s, c], [b, h, s, 2]
     else:
         g_kv, g_gate = -torch.stack((kv, vv), 2), -zv
     if "aux" in A:
         return [("aux", k, torch.cat((rearrange(g_kv, "b h j s c -> b h s (j c)"), g_gate), -1))]
-    zkv, hid = cache
+    zkv, hid = (y[..., :s, :] for y in cache)  # the hidden layer at the keys: the output layers' inputs
     delta = silu_grad(zkv) * (g_kv @ A["aux_out"])  # back through the output layers: [b, h, 2, s, c]
     g_in = torch.cat((rearrange(delta, "b h j s m -> b h s (j m)"), g_gate), -1)
     return [("aux_in", k, g_in), ("aux_out", hid, g_kv)]
 
 
-def mem_grads(M: dict[str, Tensor], k: Tensor, target: Tensor, objective: str) -> list[tuple[str, Tensor, Tensor]]:
-    """The same for the main memory's layers at their anchor M, trained to map k to `target`."""
-    mk, cache = mem_read(M, k)
-    g = mk - target if objective == "l2" else -target
+def mem_grads(
+    M: dict[str, Tensor], k: Tensor, v: Tensor, target: str, objective: str
+) -> list[tuple[str, Tensor, Tensor]]:
+    """The same for the main memory's layers at their anchor M, trained to map k to its own value
+    of v (target="self") or to v (target="value")."""
+    s = k.shape[-2]
+    if target == "self":
+        out, cache = mem_read(M, torch.cat((k, v), -2))
+        mk, tgt = out.split(s, -2)
+        cache = None if cache is None else tuple(y[..., :s, :] for y in cache)
+    else:
+        (mk, cache), tgt = mem_read(M, k), v
+    g = mk - tgt if objective == "l2" else -tgt
     if "mem" in M:
         return [("mem", k, g)]
     z, hid = cache

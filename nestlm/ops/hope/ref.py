@@ -104,9 +104,8 @@ def dgd_scan_ref(
         v = l2norm(v) if normalize_v else v
         lr, log_retain = gates(zg, max_lr, lr_bias, decay_bias)  # [b, h, 1]
         outs.append(mem_read(anchor, q_i[:, :, None])[0][:, :, 0])
-        v_mem = mem_read(anchor, v)[0] if target == "self" else v
         lm = None if lm_i is None else lm_i[:, :, None]
-        for layer, key, g in aux_grads(anchor, k, v, c, objective) + mem_grads(anchor, k, v_mem, objective):
+        for layer, key, g in aux_grads(anchor, k, v, c, objective) + mem_grads(anchor, k, v, target, objective):
             rest = None if decay_to == "zero" else init[layer]
             st[f"{layer}_W"], S = dgd_update(
                 st[f"{layer}_W"],
