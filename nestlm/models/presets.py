@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from nestlm.models.config import HOPE_SETTINGS
+
 SIZES: dict[str, dict[str, Any]] = {
     # ~1-3M parameters: trains on a laptop CPU in minutes.
     "tiny": dict(
@@ -49,6 +51,9 @@ SIZES: dict[str, dict[str, Any]] = {
 
 N_BLOCKS = {"tiny": 6, "125m": 12}
 
+# The hope presets use the paper's HOPE (HOPE_SETTINGS["paper"]: DGD, residual-MLP memories,
+# momentum, self-generated targets, decay towards zero); HybridConfig.preset(name, size,
+# **HOPE_SETTINGS["v1"]) gives nestlm's first HOPE layer.
 # Per (preset, size) departures from SIZES / N_BLOCKS. HOPE presets keep the main-memory chunk at 16
 # (max_lr 0.1 x 16 tokens summed at one anchor stays inside the mini-batch GD bound of 2) and the
 # all-HOPE 125m stack uses fewer blocks: a HOPE block (mixer + CMS with its learned views) is larger
@@ -91,6 +96,8 @@ def preset_dict(name: str, size: str = "tiny") -> dict[str, Any]:
     if name not in PRESETS:
         raise ValueError(f"HybridConfig.preset name={name!r} is invalid: expected one of {PRESETS}")
     d = dict(SIZES[size])
+    if name in ("hope", "hope-hybrid"):
+        d.update(HOPE_SETTINGS["paper"])
     d.update(OVERRIDES.get((name, size), {}))
     layers, ch = _layers(name, d.pop("n_blocks", N_BLOCKS[size]))
     d["layers"] = layers
