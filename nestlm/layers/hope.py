@@ -47,8 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nestlm.ops.dtypes import state_dtype
 from nestlm.layers.conv import ShortConv
+from nestlm.ops.dtypes import state_dtype
 from nestlm.ops.hope import dgd_scan, l2norm, selfmod_scan
 from nestlm.ops.hope.common import DECAY_TO, MEMORIES, TARGETS, UPDATES, init_shapes, state_keys
 

@@ -306,3 +306,36 @@ def test_bad_input_is_a_one_line_error():
         dgd_scan(x, q, lm[:, :2], lrb, db, init, 0.5, state, 4, 4)
     with pytest.raises(ValueError, match="pos"):
         dgd_scan(x, q, lm, lrb, db, init, 0.5, {**state, "pos": torch.tensor([0, 1])}, 4, 4)
+
+
+def gated_delta_rule(q, k, v, g, beta, initial_state=None, output_final_state=False):
+    """flash-linear-attention's chunk_gated_delta_rule as its documentation defines it, token by
+    token: S_t = a_t S_{t-1} + beta_t k_t (v_t - a_t S_{t-1}^T k_t)^T with a_t = exp(g_t); q, k
+    [B, T, H, K], v [B, T, H, V], g, beta [B, T, H], state [B, H, K, V]; outputs q_t^T S_t."""
+    S, outs = initial_state.float(), []
+    for kt, vt, gt, bt, qt in zip(k.unbind(1), v.unbind(1), g.unbind(1), beta.unbind(1), q.unbind(1)):
+        kt, vt, qt = kt.float(), vt.float(), qt.float()
+        S = gt.exp()[..., None, None] * S
+        u = bt.float()[..., None] * (vt - (S * kt[..., None]).sum(-2))
+        S = S + kt[..., None] * u[..., None, :]
+        outs.append((qt[..., None] * S).sum(-2))
+    return torch.stack(outs, 1), S if output_final_state else None
+
+
+@pytest.mark.parametrize("target,decay_to", [("self", "zero"), ("value", "init")])
+def test_fla_binding_matches_the_torch_path(monkeypatch, target, decay_to):
+    """The gated-delta-rule binding of the linear main memory (layouts, beta = lr / a, values
+    -a (e + rest k), one kernel call per chunk carrying the state), run on CPU with a token-loop
+    stand-in for the kernel; bf16 activations, as the kernel takes them."""
+    import nestlm.ops.hope.chunk as chunk
+
+    args, state = make("linear", False, t=23, seed=14, dtype=torch.float32)
+    kw = dict(memory="linear", target=target, decay_to=decay_to)
+    o, s = run(dgd_scan, args, state, 5, 3, **kw)
+    monkeypatch.setattr(chunk, "_main_backend", lambda *a: "vendor")
+    monkeypatch.setattr(chunk.backends, "kernel", lambda op, backend: gated_delta_rule if op == "dgd_scan" else None)
+    o_f, s_f = run(dgd_scan, args, state, 5, 3, **kw)
+    assert s_f.keys() == s.keys()
+    assert rel(o_f, o) <= 2e-2
+    for k in s:
+        assert rel(s_f[k], s[k]) <= 2e-2, k

@@ -40,7 +40,9 @@ import functools
 import torch
 from torch import Tensor
 
+from nestlm.ops import backends
 from nestlm.ops._chunks import chunk_pieces
+from nestlm.ops.hope import fla
 from nestlm.ops.hope.common import (
     AUX_LAYERS,
     MEM_LAYERS,
@@ -276,19 +278,47 @@ def dgd_scan(
     # activation at the anchor, so its transitions are built chunk by chunk
     first = MEM_LAYERS[memory][0]
     sizes, fresh = chunk_pieces(p0, t, chunk_size)
-    trs = _batched_transitions(sizes, chunk_size, k, layer_lr(lr, k, update), log_retain, lmu, delta, rest[first])
-    anchors = []
-    lms = lmu.split(sizes, 2) if momentum else [None] * len(sizes)
-    pieces = zip(k.split(sizes, 2), v.split(sizes, 2), lr.split(sizes, 2), log_retain.split(sizes, 2), lms)
-    for (k_s, v_s, lr_s, lk_s, lm_s), tr, fresh_s in zip(pieces, trs, fresh):
-        if fresh_s:
-            A.update({layer: anchor(layer) for layer in MEM_LAYERS[memory]})
-        M = {layer: A[layer] for layer in MEM_LAYERS[memory]}
-        anchors.append(M)
-        for layer, key, g in mem_grads(M, k_s, v_s, target, objective):
-            step(layer, key, g, lr_s, lk_s, lm_s, tr if layer == first else None)
+    lr_k = layer_lr(lr, k, update)
+    if _main_backend(x, memory, momentum, delta) == "vendor":
+        D["mem"], A["mem"], anchors = fla.main_phase(
+            backends.kernel("dgd_scan", "vendor"),
+            D["mem"],
+            A["mem"],
+            rest["mem"],
+            k,
+            v,
+            lr_k,
+            log_retain,
+            sizes,
+            fresh,
+            target,
+            objective,
+        )
+    else:
+        trs = _batched_transitions(sizes, chunk_size, k, lr_k, log_retain, lmu, delta, rest[first])
+        anchors = []
+        lms = lmu.split(sizes, 2) if momentum else [None] * len(sizes)
+        pieces = zip(k.split(sizes, 2), v.split(sizes, 2), lr.split(sizes, 2), log_retain.split(sizes, 2), lms)
+        for (k_s, v_s, lr_s, lk_s, lm_s), tr, fresh_s in zip(pieces, trs, fresh):
+            if fresh_s:
+                A.update({layer: anchor(layer) for layer in MEM_LAYERS[memory]})
+            M = {layer: A[layer] for layer in MEM_LAYERS[memory]}
+            anchors.append(M)
+            for layer, key, g in mem_grads(M, k_s, v_s, target, objective):
+                step(layer, key, g, lr_s, lk_s, lm_s, tr if layer == first else None)
     o = _read_pieces(anchors, q, sizes, chunk_size)
     return o.transpose(1, 2).contiguous(), _new_state(state, memory, momentum, D, S, A, rest, pos + t)
+
+
+def _main_backend(x: Tensor, memory: str, momentum: bool, delta: bool) -> str:
+    """The main memory's backend: "vendor" (fla's gated delta rule, for a linear memory written by
+    DGD without momentum, on CUDA, in fp32 or lower) or "torch"."""
+    why = None
+    if x.dtype == torch.float64:
+        why = "fp64 inputs"
+    elif memory != "linear" or momentum or not delta:
+        why = "fla's gated delta rule covers the linear memory with DGD and no momentum only"
+    return backends.choose("dgd_scan", x.device, unsupported=why)
 
 
 def _new_state(state, memory, momentum, D, S, A, rest, pos) -> dict:
