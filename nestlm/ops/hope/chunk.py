@@ -78,55 +78,64 @@ def _eye(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.eye(n, dtype=dtype, device=device)
 
 
-def _transition(
-    K: Tensor, lr: Tensor, log_retain: Tensor, log_momentum: Tensor | None, delta: bool, rest: Tensor | None
-) -> Transition:
-    """The segment's closed-form update (module docstring). K [..., s, c]; lr [..., s]; log_retain,
-    log_momentum broadcastable to [..., s]; rest broadcastable to [..., r, c] or None."""
-    s, c = K.shape[-2:]
-    strict, lower = _masks(s, K.device)
+def _gate_coeffs(log_retain: Tensor, log_momentum: Tensor | None, delta: bool) -> dict[str, Tensor]:
+    """What a segment's closed form needs from the gates alone (log_retain, log_momentum [..., s]):
+    shared by every layer the gates drive, whatever its keys and step sizes."""
+    s = log_retain.shape[-1]
+    strict, lower = _masks(s, log_retain.device)
     G = log_retain.cumsum(-1)
-    g_end = torch.exp(G[..., -1:] - G)  # g(n, j)
-    a_end = torch.exp(G[..., -1:])[..., None]  # g(n, 0) [..., 1, 1]
-    momentum = log_momentum is not None
-    FS = cS = b_end = None
-    if momentum:
+    co = {"g_end": torch.exp(G[..., -1:] - G), "a_end": torch.exp(G[..., -1:])[..., None]}  # g(n, j), g(n, 0)
+    if log_momentum is not None:
         Mc = log_momentum.cumsum(-1)
-        Mu = torch.exp((Mc[..., :, None] - Mc[..., None, :]).masked_fill(~lower, float("-inf")))
-        wE = -lr * (g_end[..., None, :] @ Mu)[..., 0, :]
+        Mu = torch.exp((Mc[..., :, None] - Mc[..., None, :]).masked_fill(~lower, float("-inf")))  # m(j, i)
         m_acc = torch.exp(Mc)
-        b_end = (g_end * m_acc).sum(-1, keepdim=True)[..., None]
-        FS = (-lr * torch.exp(Mc[..., -1:] - Mc))[..., None] * K
-        cS = m_acc[..., -1:, None]
+        co.update(
+            gMu=(co["g_end"][..., None, :] @ Mu)[..., 0, :],  # sum_j g(n, j) m(j, i)
+            b_end=(co["g_end"] * m_acc).sum(-1, keepdim=True)[..., None],
+            m_end=torch.exp(Mc[..., -1:] - Mc),
+            cS=m_acc[..., -1:, None],
+        )
     else:
-        wE = -lr * g_end
+        co["gMu"] = co["g_end"]
+    if delta:
+        G_prev = G - log_retain
+        Gm = torch.exp((G_prev[..., :, None] - G[..., None, :]).masked_fill(~strict, float("-inf")))  # g(j-1, i)
+        co.update(Gm=Gm, C=Gm @ Mu if log_momentum is not None else Gm, g_prev=torch.exp(G_prev))
+        if log_momentum is not None:
+            co["bS"] = (Gm * m_acc[..., None, :]).sum(-1)
+    return co
+
+
+def _transition(K: Tensor, lr: Tensor, co: dict[str, Tensor], delta: bool, rest: Tensor | None) -> Transition:
+    """The segment's closed-form update (module docstring). K [..., s, c]; lr [..., s]; co: the
+    `_gate_coeffs` of the segment (broadcastable); rest broadcastable to [..., r, c] or None."""
+    s, c = K.shape[-2:]
+    momentum = "m_end" in co
+    wE = -lr * co["gMu"]
+    FS = (-lr * co["m_end"])[..., None] * K if momentum else None
     if not delta:
-        return wE[..., None] * K, a_end, b_end, FS, cS, None
-    G_prev = G - log_retain
-    Gm = torch.exp((G_prev[..., :, None] - G[..., None, :]).masked_fill(~strict, float("-inf")))  # g(j-1, i)
+        return wE[..., None] * K, co["a_end"], co.get("b_end"), FS, co.get("cS"), None
     KK = K @ K.transpose(-1, -2)
     eye_s = _eye(s, K.dtype, K.device)
-    T = torch.linalg.solve_triangular(
-        Gm * KK * lr[..., None, :] + eye_s, eye_s.expand(KK.shape), upper=False, unitriangular=True
-    )
-    WYK = (-lr * g_end)[..., None] * K  # the weights of the y_l in D_n, times k_l
+    KKlr = KK * lr[..., None, :]
+    T = torch.linalg.solve_triangular(co["Gm"] * KKlr + eye_s, eye_s.expand(KK.shape), upper=False, unitriangular=True)
+    WYK = (-lr * co["g_end"])[..., None] * K  # the weights of the y_l in D_n, times k_l
     # every product with T and with WYK in one matmul each: columns for A_D, A_S, A_R and F
-    C = Gm @ Mu if momentum else Gm
-    cols = [torch.exp(G_prev)[..., None] * K]
+    cols = [co["g_prev"][..., None] * K]
     if momentum:
-        cols.append((Gm * m_acc[..., None, :]).sum(-1)[..., None] * K)
+        cols.append(co["bS"][..., None] * K)
     if rest is not None:
         cols.append(K)
-    cols.append(C * KK * lr[..., None, :])
+    cols.append(co["C"] * KKlr)
     cols = [x.expand(KK.shape[:-2] + x.shape[-2:]) for x in cols]
     parts = list(((T @ torch.cat(cols, -1)).transpose(-1, -2) @ WYK).split([c] * (len(cols) - 1) + [s], -2))
     eye_c = _eye(c, K.dtype, K.device)
-    blocks = [a_end * eye_c + parts.pop(0)]
+    blocks = [co["a_end"] * eye_c + parts.pop(0)]
     if momentum:
-        blocks.append(b_end * eye_c + parts.pop(0))
+        blocks.append(co["b_end"] * eye_c + parts.pop(0))
     const = None if rest is None else rest @ parts.pop(0)
     blocks.append(wE[..., None] * K - parts.pop(0))
-    return torch.cat(blocks, -2), None, None, FS, cS, const
+    return torch.cat(blocks, -2), None, None, FS, co.get("cS"), const
 
 
 def _apply(D: Tensor, S: Tensor | None, E: Tensor, tr: Transition, delta: bool) -> tuple[Tensor, Tensor | None]:
@@ -163,10 +172,11 @@ def _batched_transitions(
     for g, k, lr_g, lk, lm in zip(groups, K.split(groups, 2), lr.split(groups, 2), log_retain.split(groups, 2), lms):
         if sizes[len(out)] == C:  # the whole chunks: [b, h, n, C, ...]
             n = g // C
-            chunked = (x.unflatten(2, (n, C)) if x is not None else None for x in (k, lr_g, lk, lm))
-            out += _unbind(_transition(*chunked, delta, None if rest is None else rest[:, None]), 2)
+            k, lr_g, lk, lm = (x.unflatten(2, (n, C)) if x is not None else None for x in (k, lr_g, lk, lm))
+            co = _gate_coeffs(lk, lm, delta)
+            out += _unbind(_transition(k, lr_g, co, delta, None if rest is None else rest[:, None]), 2)
         else:
-            out.append(_transition(k, lr_g, lk, lm, delta, rest))
+            out.append(_transition(k, lr_g, _gate_coeffs(lk, lm, delta), delta, rest))
     return out
 
 
@@ -248,11 +258,13 @@ def dgd_scan(
     def anchor(layer: str) -> Tensor:
         return D[layer] if rest[layer] is None else D[layer] + rest[layer]
 
-    def step(layer: str, key: Tensor, g: Tensor, lr: Tensor, log_retain: Tensor, lm: Tensor | None, tr=None):
+    def step(layer: str, key: Tensor, g: Tensor, lr: Tensor, co: dict | None, tr=None):
+        """One segment of `layer`'s updates: lr [b, h, s] and the gate coefficients co are the head's,
+        broadcast here to the layer's key [b, h, ..., s, c]."""
         if tr is None:
-            lr_l = layer_lr(expand_gate(lr, key), key, update)
-            lm_l = None if lm is None else expand_gate(lm, key)
-            tr = _transition(key, lr_l, expand_gate(log_retain, key), lm_l, delta, rest[layer])
+            extra = key.dim() - 1 - lr.dim()
+            co = {n: x.reshape(x.shape[:2] + (1,) * extra + x.shape[2:]) for n, x in co.items()} if extra else co
+            tr = _transition(key, layer_lr(expand_gate(lr, key), key, update), co, delta, rest[layer])
         D[layer], S[layer] = _apply(D[layer], S[layer], g, tr, delta)
 
     # aux phase: each chunk's keys, values and gates are read at its anchor, so chunks run in order
@@ -266,8 +278,9 @@ def dgd_scan(
         k = l2norm(k)
         v = l2norm(v) if normalize_v else v
         lr, log_retain = gates(zg, max_lr, lr_bias, decay_bias)
+        co = _gate_coeffs(log_retain, lm_s, delta)
         for layer, key, g in aux_grads(A, k, v, c, objective):
-            step(layer, key, g, lr, log_retain, lm_s)
+            step(layer, key, g, lr, co)
         outs.append((k, v, lr, log_retain))
     if not t:
         return q.new_zeros(b, 0, h, c), _new_state(state, memory, momentum, D, S, A, rest, pos)
@@ -304,8 +317,10 @@ def dgd_scan(
                 A.update({layer: anchor(layer) for layer in MEM_LAYERS[memory]})
             M = {layer: A[layer] for layer in MEM_LAYERS[memory]}
             anchors.append(M)
-            for layer, key, g in mem_grads(M, k_s, v_s, target, objective):
-                step(layer, key, g, lr_s, lk_s, lm_s, tr if layer == first else None)
+            grads = mem_grads(M, k_s, v_s, target, objective)
+            co = _gate_coeffs(lk_s, lm_s, delta) if len(grads) > 1 else None  # the MLP's output layer
+            for layer, key, g in grads:
+                step(layer, key, g, lr_s, co, tr if layer == first else None)
     o = _read_pieces(anchors, q, sizes, chunk_size)
     return o.transpose(1, 2).contiguous(), _new_state(state, memory, momentum, D, S, A, rest, pos + t)
 
