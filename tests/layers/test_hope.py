@@ -188,6 +188,7 @@ def test_long_fp32_stream_at_the_presets_settings_stays_bounded():
     hybrid = HybridConfig.preset("hope-hybrid", "tiny")
     fields = ("d_model", "mem_heads", "mem_head_dim", "mem_chunk_size", "hope_chunk_size", "mem_max_lr", "d_conv")
     assert all(getattr(cfg, f) == getattr(hybrid, f) for f in fields + tuple(HOPE_SETTINGS["paper"]))
+    assert cfg.hope_update == "dgd" and cfg.hope_memory == "mlp"
     torch.manual_seed(0)
     m = HybridLM(cfg).blocks[0].mixer
     with torch.no_grad():
@@ -207,9 +208,15 @@ def test_long_fp32_stream_at_the_presets_settings_stays_bounded():
 
 
 def test_presets_use_the_papers_hope_and_v1_is_reachable():
+    """The presets: the paper's switches with v normalised; v1 and the exact paper setting by name."""
     for name in ("hope", "hope-hybrid"):
         cfg = HybridConfig.preset(name, "tiny")
-        assert {k: getattr(cfg, k) for k in HOPE_SETTINGS["paper"]} == HOPE_SETTINGS["paper"]
+        assert {k: getattr(cfg, k) for k in HOPE_SETTINGS["paper"]} == {
+            **HOPE_SETTINGS["paper"],
+            "hope_normalize_v": True,
+        }
+        exact = HybridConfig.preset(name, "tiny", **HOPE_SETTINGS["paper"])
+        assert not exact.hope_normalize_v and exact.config_hash() != cfg.config_hash()
         v1 = HybridConfig.preset(name, "tiny", **HOPE_SETTINGS["v1"])
         assert v1.config_hash() != cfg.config_hash()
         blk = HybridLM(v1).blocks[v1.layers.index("hope")].mixer

@@ -25,9 +25,10 @@ and the segment end is
 T = (I + L)^-1 (torch.linalg.solve_triangular) depends on the keys and gates only, so the whole
 update folds into D_n = D_s A_D + S_s A_S + rest A_R + E^T F with [c, c] transitions A_* and F
 [s, c] that need no state: for a layer whose keys are known before the loop (the main memory's
-input layer, keyed by k) they are built for every chunk in one batch, and the loop does three
-matmuls per chunk. Without the delta term (update="gd") A_D and A_S are scalars. Autograd runs
-through the solve, so the outer gradient includes the inner updates' second-order terms.
+input layer, keyed by k) they are built for every chunk in one batch, and the loop applies them
+with one matmul per chunk, cat(D_s, S_s, E^T) @ [A_D; A_S; F]. Without the delta term
+(update="gd") A_D and A_S are scalars. Autograd runs through the solve, so the outer gradient
+includes the inner updates' second-order terms.
 
 The aux memories produce the keys, so their chunks run one after another (each chunk's keys are read
 at its anchor); the main memory's reads all use anchors and run in one batched read after its loop.
