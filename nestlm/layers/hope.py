@@ -22,7 +22,8 @@ Switches (each reproduces one of the paper's ablations, Table 6, or a choice it 
                "value": on v itself
     decay_to   "zero": retain * M (the paper's alpha M); "init": the decay pulls towards the learned
                initial memory instead
-    normalize_v  L2-normalise v like q and k (the paper normalises q and k only)
+    normalize_v  L2-normalise v like q and k (the paper normalises q and k only; the presets do, as
+               a raw v lets the self-generated targets M(v) grow without bound: docs/architecture.md)
 
 `SETTINGS["paper"]` is the paper's HOPE; `SETTINGS["v1"]` is nestlm's first HOPE (GD, linear,
 value target, decay towards the initial memories, normalised v), which runs through its own
