@@ -179,12 +179,9 @@ class HOPE(nn.Module):
             state = self.init_state(b, x.device, x.dtype)
         if "conv" not in state:
             raise ValueError("HOPE: state lacks 'conv' (expected a state made by HOPE.init_state)")
-        conv = state["conv"]
-        if conv.shape[1:] == (self.d_conv - 1, 2 * h * c) and self.d_conv - 1 != 2 * h * c:
-            conv = conv.transpose(1, 2)  # a state saved by the first HOPE layer (time before channels)
         proj = self.w_in(x)
         u, gate = proj.split((2 * h * c, proj.shape[-1] - 2 * h * c), -1)
-        u, conv_state = self.conv(u, {"conv": conv})
+        u, conv_state = self.conv(u, {"conv": state["conv"]})
         xm, q = u.unflatten(-1, (2, h, c)).unbind(2)
         q = l2norm(q)
         mem_state = {k: state[k] for k in state_keys(self.switches["memory"], self.switches["momentum"])}
@@ -211,9 +208,15 @@ class HOPE(nn.Module):
         return f"heads={self.n_heads}x{self.head_dim}, chunks={self.chunk_size}/{self.aux_chunk_size}, {sw}"
 
 
-def _load_v1_names(module, state_dict, prefix, *args) -> None:
-    """Rename the first HOPE layer's parameters in a state dict being loaded (in place)."""
+def upgrade_state_dict(state_dict: dict, prefix: str = "") -> dict:
+    """Rename the first HOPE layer's parameters under `prefix` to the current names, in place
+    (the conv weight [C, w] becomes ShortConv's [C, 1, w]); returns the dict."""
     for old, new in _RENAMED.items():
         if prefix + old in state_dict and prefix + new not in state_dict:
             value = state_dict.pop(prefix + old)
             state_dict[prefix + new] = value[:, None] if old == "conv_weight" else value
+    return state_dict
+
+
+def _load_v1_names(module, state_dict, prefix, *args) -> None:
+    upgrade_state_dict(state_dict, prefix)

@@ -98,6 +98,18 @@ def build_mixer(cfg: HybridConfig, name: str, out_std: float) -> nn.Module:
     raise ValueError(f"unknown mixer {name!r}")
 
 
+def upgrade_weights(cfg: HybridConfig, weights: dict) -> dict:
+    """A copy of a HybridLM state dict of `cfg` with parameters saved under an earlier layer
+    version's names renamed (the first HOPE layer's: nestlm.layers.hope.upgrade_state_dict)."""
+    from nestlm.layers.hope import upgrade_state_dict
+
+    out = dict(weights)
+    for i, kind in enumerate(cfg.layers):
+        if kind == "hope":
+            upgrade_state_dict(out, f"blocks.{i}.mixer.")
+    return out
+
+
 def build_channel_mixer(cfg: HybridConfig, name: str, out_std: float) -> nn.Module:
     hidden = swiglu_hidden(cfg.d_model, cfg.mlp_ratio)
     if name == "mlp":
