@@ -2,7 +2,10 @@
 
 Every number is forward + backward of one layer on x [1, L, d_model] (fp32), loss = y.square().mean().
 The `cms_scan op` rows time the CMS update alone (fixed random inputs at the CMS layer's shapes,
-without the level MLPs that both CMS paths share), beside the CMS layer.
+without the level MLPs that both CMS paths share), beside the CMS layer; the `dgd_scan op` rows do
+the same for HOPE's recurrence (nestlm.ops.dgd_scan vs dgd_scan_ref). The HOPE layer runs in the
+paper's setting and in nestlm's first setting ("v1", the layer before DGD) at the same shape; its
+token loop is the layer with the scan replaced by the reference.
 Prints a table and writes bench/results/memory_cpu.json.
 
     python bench/memory_cpu.py                       # the default set (several minutes)
@@ -83,14 +86,89 @@ def make_layers(impl: str) -> dict[str, torch.nn.Module]:
     for period in (16, 64):  # the op without the MLPs that both CMS paths share
         layers[f"cms_scan op (n=704, d=256, C={period})"] = CMSScanOp(period, impl)
     try:
-        from nestlm.layers.hope import HOPE
-
-        layers["HOPE(4x64, chunks 16/16)"] = HOPE(
-            D_MODEL, HEADS, HEAD_DIM, chunk_size=CHUNK, aux_chunk_size=CHUNK, impl=impl
-        )
+        from nestlm.layers.hope import HOPE, SETTINGS
     except ImportError:
-        pass
+        return layers
+    for memory in ("mlp", "linear"):  # HOPE's recurrence without the projections around it
+        layers[f"dgd_scan op ({HEADS}x{HEAD_DIM}, {memory}, C={CHUNK}/{CHUNK})"] = DGDScanOp(memory, impl)
+    for setting in ("paper", "v1"):
+        layer = HOPE(D_MODEL, HEADS, HEAD_DIM, chunk_size=CHUNK, aux_chunk_size=CHUNK, **SETTINGS[setting])
+        layers[f"HOPE {setting} ({HEADS}x{HEAD_DIM}, chunks {CHUNK}/{CHUNK})"] = (
+            WithTokenLoop(layer) if impl == "ref" else layer
+        )
     return layers
+
+
+class WithTokenLoop(torch.nn.Module):
+    """A HOPE layer run with its scan replaced by the token-loop reference (the layer itself always
+    runs the chunked path)."""
+
+    def __init__(self, layer: torch.nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor):
+        import nestlm.layers.hope as hope
+        from nestlm.ops import dgd_scan_ref, selfmod_scan_ref
+
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(_patched(hope, "dgd_scan", dgd_scan_ref))
+            stack.enter_context(_patched(hope, "selfmod_scan", selfmod_scan_ref))
+            return self.layer(x)
+
+
+@contextlib.contextmanager
+def _patched(module, name: str, value):
+    old = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, old)
+
+
+class DGDScanOp(torch.nn.Module):
+    """`dgd_scan` (or its token loop) alone, in the paper's setting (DGD, momentum, self targets,
+    decay to zero) at the HOPE layer's shapes: fixed random leaves, forward(x) reads only x's length."""
+
+    def __init__(self, memory: str, impl: str, h: int = HEADS, c: int = HEAD_DIM):
+        super().__init__()
+        from nestlm.ops import dgd_scan, dgd_scan_ref
+        from nestlm.ops.hope.common import init_shapes
+
+        self.memory, self.h, self.c = memory, h, c
+        self.scan = dgd_scan_ref if impl == "ref" else dgd_scan
+        g = torch.Generator().manual_seed(2)
+        shapes = init_shapes(memory, h, c)
+        self.init = torch.nn.ParameterDict(
+            {
+                k: torch.nn.Parameter(
+                    torch.randn(*s, generator=g) * (c**-0.5 if k.endswith("in") or k == "aux" else 0.02)
+                )
+                for k, s in shapes.items()
+            }
+        )
+        self.biases = torch.nn.Parameter(torch.stack([torch.zeros(h), torch.full((h,), -8.0)]))
+        self.inputs = torch.nn.ParameterDict()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        L, h, c = x.shape[1], self.h, self.c
+        if str(L) not in self.inputs:
+            g = torch.Generator().manual_seed(L)
+            self.inputs[str(L)] = torch.nn.Parameter(torch.randn(1, L, h, 2 * c + 1, generator=g))
+        xm, q, gate = self.inputs[str(L)].split((c, c, 1), -1)
+        q = torch.nn.functional.normalize(q, dim=-1)
+        state = {}
+        for layer, w in self.init.items():
+            state[f"{layer}_W"] = state[f"{layer}_A"] = w.expand(1, *w.shape)
+            state[f"{layer}_S"] = torch.zeros(1, *w.shape)
+        state["pos"] = torch.zeros(1, dtype=torch.long)
+        log_mu = torch.nn.functional.logsigmoid(gate[..., 0])
+        lr_bias, decay_bias = self.biases
+        y, _ = self.scan(
+            xm, q, log_mu, lr_bias, decay_bias, dict(self.init), 0.1, state, CHUNK, CHUNK, memory=self.memory
+        )
+        return y.flatten(2), None
 
 
 class CMSScanOp(torch.nn.Module):
@@ -196,7 +274,7 @@ def main() -> None:
         if wanted and not any(name.startswith(w) for w in wanted):
             continue
         ref = ref_layers[name]
-        ref.load_state_dict(fast.state_dict())
+        (ref.layer if isinstance(ref, WithTokenLoop) else ref).load_state_dict(fast.state_dict())
         for L in lengths:
             r = measure(fast, L, args.reps, warmup=True)
             rows.append({"layer": name, "impl": "chunked", **r})
@@ -270,6 +348,10 @@ def summarize(rows: list[dict]) -> list[dict]:
     for (layer, impl, L), r in by.items():
         if impl == "chunked" and (layer, "token-loop", L) in by:
             out.append(ratio(f"{layer}: chunked vs token loop", L, by[(layer, "token-loop", L)], r))
+        v1 = layer.replace("HOPE paper", "HOPE v1")
+        if impl == "chunked" and layer.startswith("HOPE paper") and (v1, "chunked", L) in by:
+            # a ratio above 1: the paper's HOPE is that much slower than the first layer
+            out.append(ratio(f"{layer} time / {v1} time", L, r, by[(v1, "chunked", L)]))
         titans = by.get(("titans-pytorch NeuralMemory", "vs-titans", L))
         if impl == "vs-titans" and layer.startswith("NeuralMemory") and titans is not None:
             out.append(ratio("NeuralMemory(256,4,64,depth=2,C=16) vs titans-pytorch", L, titans, r))

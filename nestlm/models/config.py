@@ -17,12 +17,22 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from nestlm.layers.hope import SETTINGS
+from nestlm.ops.hope.common import DECAY_TO, MEMORIES, TARGETS, UPDATES
+
 MIXERS = ("attn", "swa", "mamba", "mamba2", "memory", "hope")
 CHANNEL_MIXERS = ("mlp", "cms")
 
 # Compact pattern letters: "A" attn, "W" swa, "M" mamba, "S" mamba2 (SSD), "T" memory (Titans),
 # "H" hope. "AMSS" == ["attn", "mamba", "mamba2", "mamba2"]; "(MS)*3" repeats a group.
 PATTERN_LETTERS = {"A": "attn", "W": "swa", "M": "mamba", "S": "mamba2", "T": "memory", "H": "hope"}
+
+
+# The HOPE layer's switches as HybridConfig fields, by named setting: "paper" (the Nested Learning
+# paper's HOPE; the hope presets use it with v normalised, nestlm.models.presets.HOPE_PRESET) and "v1"
+# (nestlm's first HOPE layer, the fields' defaults, so a config saved before the fields existed
+# describes the same model).
+HOPE_SETTINGS = {name: {f"hope_{k}": v for k, v in s.items()} for name, s in SETTINGS.items()}
 
 
 def _err(name: str, value: Any, allowed: str) -> ValueError:
@@ -72,7 +82,8 @@ _NUMBER_FIELDS = {
     "mem_max_lr": (lambda v: v > 0, "a positive finite number"),
     "cms_lr": (lambda v: 0 < v <= 1, "a number in (0, 1] (normalised inner step of the CMS levels)"),
 }
-_BOOL_FIELDS = ("tie_embeddings", "mem_first_order")
+_BOOL_FIELDS = ("tie_embeddings", "mem_first_order", "hope_momentum", "hope_normalize_v")
+_HOPE_CHOICES = {"hope_update": UPDATES, "hope_memory": MEMORIES, "hope_target": TARGETS, "hope_decay_to": DECAY_TO}
 
 
 def _is_number(v: Any) -> bool:
@@ -118,6 +129,13 @@ class HybridConfig:
     mem_max_lr: float = 0.1
     mem_first_order: bool = False
     hope_chunk_size: int = 16  # chunk of the memories that produce k, v, lr, decay
+    # hope update rule and memories (nestlm.layers.hope); defaults: HOPE_SETTINGS["v1"]
+    hope_update: str = "gd"  # "dgd" (Delta Gradient Descent) | "gd"
+    hope_memory: str = "linear"  # "mlp" (residual 2-layer MLPs) | "linear"
+    hope_momentum: bool = True
+    hope_target: str = "value"  # main memory's target: "self" (its own value of v) | "value" (v)
+    hope_decay_to: str = "init"  # "zero" | "init" (the learned initial memories)
+    hope_normalize_v: bool = True
     # cms: update periods in tokens, one per level; None = an ordinary MLP level
     cms_periods: list[int | None] = field(default_factory=lambda: [None, 16, 64])
     cms_lr: float = 0.01  # maximal normalised inner step of a CMS level, in (0, 1]
@@ -133,6 +151,7 @@ class HybridConfig:
         self._check_attention()
         self._check_mamba2()
         self._check_numbers()
+        self._check_hope()
         self._check_channel_mixers()
         self._check_cms()
         self._check_reset_policy()
@@ -178,6 +197,14 @@ class HybridConfig:
         for name in _BOOL_FIELDS:
             if not isinstance(getattr(self, name), bool):
                 raise _err(name, getattr(self, name), "true or false")
+
+    def _check_hope(self) -> None:
+        """The HOPE switches (flags: _check_numbers); DGD's step needs mem_max_lr < 1."""
+        for name, allowed in _HOPE_CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise _err(name, getattr(self, name), f"one of {allowed}")
+        if "hope" in self.layers and self.hope_update == "dgd" and not self.mem_max_lr < 1:
+            raise _err("mem_max_lr", self.mem_max_lr, "a number below 1 with hope_update='dgd' (the DGD step)")
 
     def _check_channel_mixers(self) -> None:
         """One known channel mixer, or one per layer."""
@@ -254,8 +281,16 @@ class HybridConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     def config_hash(self) -> str:
-        """Short stable hash of the architecture (state compatibility, eval reports)."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        """Short stable hash of the architecture (state compatibility, eval reports).
+
+        Fields added after the first release enter the hash only when they differ from their
+        defaults (which describe the model as it was before), so earlier configs keep their hash.
+        """
+        d = self.to_dict()
+        for name, value in HOPE_SETTINGS["v1"].items():
+            if d[name] == value:
+                del d[name]
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     # --- presets ----------------------------------------------------------------------------
     @classmethod

@@ -85,11 +85,29 @@ def build_mixer(cfg: HybridConfig, name: str, out_std: float) -> nn.Module:
             aux_chunk_size=cfg.hope_chunk_size,
             max_lr=cfg.mem_max_lr,
             d_conv=cfg.d_conv,
+            update=cfg.hope_update,
+            memory=cfg.hope_memory,
+            momentum=cfg.hope_momentum,
+            target=cfg.hope_target,
+            decay_to=cfg.hope_decay_to,
+            normalize_v=cfg.hope_normalize_v,
             norm_eps=cfg.norm_eps,
             init_std=cfg.init_std,
             out_std=out_std,
         )
     raise ValueError(f"unknown mixer {name!r}")
+
+
+def upgrade_weights(cfg: HybridConfig, weights: dict) -> dict:
+    """A copy of a HybridLM state dict of `cfg` with parameters saved under an earlier layer
+    version's names renamed (the first HOPE layer's: nestlm.layers.hope.upgrade_state_dict)."""
+    from nestlm.layers.hope import upgrade_state_dict
+
+    out = dict(weights)
+    for i, kind in enumerate(cfg.layers):
+        if kind == "hope":
+            upgrade_state_dict(out, f"blocks.{i}.mixer.")
+    return out
 
 
 def build_channel_mixer(cfg: HybridConfig, name: str, out_std: float) -> nn.Module:

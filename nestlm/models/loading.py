@@ -102,7 +102,13 @@ def check_weights(
     source: str,
     strict: bool = True,
 ) -> None:
-    """`weights` hold the names (`strict`) and shapes of `expected`, all finite; else one CheckpointError line."""
+    """`weights` hold the names (`strict`) and shapes of `expected`, all finite; else one CheckpointError line.
+
+    Names of an earlier layer version are checked as the names they load as (hybrid.upgrade_weights).
+    """
+    from nestlm.models.hybrid import upgrade_weights
+
+    weights = upgrade_weights(config, weights)
     tied = {"embed.weight", "lm_head.weight"} if config.tie_embeddings else set()
     not_tensors = sorted(k for k, v in weights.items() if not isinstance(v, torch.Tensor))
     if not_tensors:
@@ -131,6 +137,9 @@ def check_weights(
 
 def load_weights(model: HybridLM, weights: Mapping[str, torch.Tensor], source: str, strict: bool = True) -> HybridLM:
     """Validate `weights` against `model` (check_weights), then load them into it."""
+    from nestlm.models.hybrid import upgrade_weights
+
+    weights = upgrade_weights(model.config, weights)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     check_weights(expected, weights, model.config, source, strict)
     model.load_state_dict(dict(weights), strict=False)  # names were checked above (a tied alias may be absent)

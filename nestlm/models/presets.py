@@ -14,6 +14,10 @@ from typing import Any
 
 import yaml
 
+from nestlm.models.config import HOPE_SETTINGS
+
+HOPE_PRESET = {**HOPE_SETTINGS["paper"], "hope_normalize_v": True}
+
 SIZES: dict[str, dict[str, Any]] = {
     # ~1-3M parameters: trains on a laptop CPU in minutes.
     "tiny": dict(
@@ -49,6 +53,12 @@ SIZES: dict[str, dict[str, Any]] = {
 
 N_BLOCKS = {"tiny": 6, "125m": 12}
 
+# The hope presets use the paper's HOPE (HOPE_SETTINGS["paper"]: DGD, residual-MLP memories,
+# momentum, self-generated targets, decay towards zero) with v L2-normalised like q and k (HOPE_PRESET):
+# with a raw v the self-generated targets M(v) grow with v, and training the MQAR ablation model at
+# lr 3e-3 blew a memory up to ~1e4 within one chunk and the loss to NaN at step 53
+# (docs/results/hope-ablation.md). HybridConfig.preset(name, size, **HOPE_SETTINGS["v1"]) gives
+# nestlm's first HOPE layer, **HOPE_SETTINGS["paper"] the paper's setting exactly.
 # Per (preset, size) departures from SIZES / N_BLOCKS. HOPE presets keep the main-memory chunk at 16
 # (max_lr 0.1 x 16 tokens summed at one anchor stays inside the mini-batch GD bound of 2) and the
 # all-HOPE 125m stack uses fewer blocks: a HOPE block (mixer + CMS with its learned views) is larger
@@ -91,6 +101,8 @@ def preset_dict(name: str, size: str = "tiny") -> dict[str, Any]:
     if name not in PRESETS:
         raise ValueError(f"HybridConfig.preset name={name!r} is invalid: expected one of {PRESETS}")
     d = dict(SIZES[size])
+    if name in ("hope", "hope-hybrid"):
+        d.update(HOPE_PRESET)
     d.update(OVERRIDES.get((name, size), {}))
     layers, ch = _layers(name, d.pop("n_blocks", N_BLOCKS[size]))
     d["layers"] = layers

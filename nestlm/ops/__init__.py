@@ -19,7 +19,7 @@ positions by `nestlm.ops._chunks.chunk_pieces`.
 
 from nestlm.ops.cms import cms_scan, cms_scan_ref
 from nestlm.ops.conv import causal_conv1d, causal_conv1d_ref
-from nestlm.ops.hope import selfmod_scan, selfmod_scan_ref
+from nestlm.ops.hope import dgd_scan, dgd_scan_ref, selfmod_scan, selfmod_scan_ref
 from nestlm.ops.memory import linear_memory_scan, linear_memory_scan_ref, mlp_memory_scan, mlp_memory_scan_ref
 from nestlm.ops.selective_scan import selective_scan, selective_scan_ref
 from nestlm.ops.ssd import ssd_scan, ssd_scan_ref
@@ -29,6 +29,8 @@ __all__ = [
     "causal_conv1d_ref",
     "cms_scan",
     "cms_scan_ref",
+    "dgd_scan",
+    "dgd_scan_ref",
     "linear_memory_scan",
     "linear_memory_scan_ref",
     "mlp_memory_scan",

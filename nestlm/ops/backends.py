@@ -43,6 +43,7 @@ KERNELS: dict[str, list[tuple[str, str]]] = {
     "ssd_scan": [("vendor", "mamba_ssm.ops.triton.ssd_combined:mamba_chunk_scan_combined")],
     "causal_conv1d": [("vendor", "causal_conv1d:causal_conv1d_fn")],
     "flash_attn": [("vendor", "flash_attn:flash_attn_func")],
+    "dgd_scan": [("vendor", "fla.ops.gated_delta_rule:chunk_gated_delta_rule")],  # its linear main memory
 }
 
 _loaded: dict[tuple[str, str], Callable | None] = {}  # (op, backend) -> kernel or None

@@ -150,7 +150,7 @@ def test_long_fp32_stream_stays_finite():
     model = small_model(torch.float32, mem_max_lr=0.3, cms_lr=1.0)
     for blk in model.blocks:
         if blk.kind == "hope":
-            blk.mixer.b_eta.data.fill_(30.0)
+            blk.mixer.lr_bias.data.fill_(30.0)
     g = torch.Generator().manual_seed(0)
     state = None
     with torch.no_grad():

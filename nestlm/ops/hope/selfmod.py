@@ -58,12 +58,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from nestlm.ops._chunks import chunk_pieces
+from nestlm.ops.hope.common import l2norm, piece_groups
 
 STATE_KEYS = ("aux_W", "aux_A", "aux_S", "mem_W", "mem_A", "mem_S", "pos")
-
-
-def l2norm(x: Tensor) -> Tensor:
-    return F.normalize(x, dim=-1, eps=1e-6)
 
 
 def _aux_outputs(z: Tensor, c: int, max_lr: float, b_eta: Tensor, b_alpha: Tensor):
@@ -123,19 +120,11 @@ def _segment_apply(D: Tensor, S: Tensor, E: Tensor, K: Tensor, coeffs: tuple[Ten
     return D_new, S_new
 
 
-def _groups(sizes: list[int], C: int) -> list[int]:
-    """Lengths of [leading partial piece, all whole chunks, trailing partial piece] (zeros dropped)
-    of a segment cut by `chunk_pieces`: the parts that batch together."""
-    first = sizes[0] if sizes and sizes[0] != C else 0
-    full = C * sum(1 for x in sizes[1 if first else 0 :] if x == C)
-    return [g for g in (first, full, sum(sizes) - first - full) if g]
-
-
 def _piece_coeffs(sizes: list[int], C: int, eta: Tensor, log_keep: Tensor, log_mu: Tensor) -> list[tuple]:
     """`_segment_coeffs` of every piece of a segment cut by `chunk_pieces` (gates [b, h, t]): the whole
     chunks in one batched call, a leading or trailing partial piece on its own."""
     out: list[tuple] = []
-    groups = _groups(sizes, C)
+    groups = piece_groups(sizes, C)
     for g, e, lk, lm in zip(groups, *(x.split(groups, -1) for x in (eta, log_keep, log_mu))):
         if sizes[len(out)] == C:  # the whole chunks: [b, h, n, C]
             full = _segment_coeffs(*(x.unflatten(-1, (g // C, C)) for x in (e, lk, lm)))
@@ -150,7 +139,7 @@ def _read_pieces(anchors: list[Tensor], q: Tensor, sizes: list[int], C: int) -> 
 
     anchors: one [b, h, r, c] per piece; q: [b, h, t, c] -> [b, h, t, r]."""
     outs, i = [], 0
-    groups = _groups(sizes, C)
+    groups = piece_groups(sizes, C)
     for g, q_g in zip(groups, q.split(groups, 2)):
         if sizes[i] == C:  # the whole chunks
             n = g // C
