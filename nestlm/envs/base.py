@@ -134,6 +134,23 @@ def final_window(n_steps: int) -> int:
     return max(1, n_steps // 10)
 
 
+def start_episode(
+    env: str, n_steps: int, seed: int, split: str, level: int, levels: dict
+) -> tuple[dict[str, Any], random.Random]:
+    """Check an env's `generate` arguments; return the parameters of its level for the split and
+    the episode's random stream."""
+    check_args(env, n_steps, seed, split, level, levels)
+    return levels[level][param_split(split)], make_rng(env, split, seed, n_steps, level)
+
+
+def probe_due(rng: random.Random, step: int, n_steps: int, window: int, p_final: float, p_before: float) -> bool:
+    """Whether `step` is a probe: with probability p_final in the scored final `window` (always at
+    the last step), p_before before it. At most one draw from rng, none at the last step."""
+    if step > n_steps - window:
+        return step == n_steps or rng.random() < p_final
+    return rng.random() < p_before
+
+
 LAG_BUCKETS = ((1, 10), (10, 100), (100, 1000), (1000, 10_000), (10_000, None))
 
 

@@ -31,16 +31,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-from nestlm.envs.base import (
-    Writer,
-    check_args,
-    final_window,
-    level,
-    make_rng,
-    name_pool,
-    param_split,
-    pick_by_lag,
-)
+from nestlm.envs.base import Writer, final_window, level, name_pool, pick_by_lag, probe_due, start_episode
 
 DIRS = {"n": (0, -1), "s": (0, 1), "e": (1, 0), "w": (-1, 0)}
 OPPOSITE = {"n": "s", "s": "n", "e": "w", "w": "e"}
@@ -49,49 +40,26 @@ _TEMPLATES = {
     "train": dict(where=["where is {x}", "where {x}"], order=["order {x} to {r}"]),
     "test": dict(where=["{x} at ?"], order=["order to {r} {x}"]),
 }
+
+
+def _level(train: dict[str, Any], test: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return level(dict(train, templates=_TEMPLATES["train"]), **test, templates=_TEMPLATES["test"])
+
+
 # LEVELS[level][split]. Level 3 is the acb-1.0 benchmark (episodes unchanged); level 1 is a small
 # map with one or two items and frequent orders.
 LEVELS: dict[int, dict[str, dict[str, Any]]] = {
-    1: level(
-        dict(n_rooms=[3, 4], n_items=[1, 2], order_gap=[1, 4], p_news=0.1, p_probe=0.2, templates=_TEMPLATES["train"]),
-        n_rooms=[4],
-        n_items=[2],
-        order_gap=[2, 6],
-        p_news=0.05,
-        p_probe=0.1,
-        templates=_TEMPLATES["test"],
+    1: _level(
+        dict(n_rooms=[3, 4], n_items=[1, 2], order_gap=[1, 4], p_news=0.1, p_probe=0.2),
+        dict(n_rooms=[4], n_items=[2], order_gap=[2, 6], p_news=0.05, p_probe=0.1),
     ),
-    2: level(
-        dict(
-            n_rooms=[4, 5, 6],
-            n_items=[2, 3],
-            order_gap=[1, 8],
-            p_news=0.08,
-            p_probe=0.12,
-            templates=_TEMPLATES["train"],
-        ),
-        n_rooms=[6],
-        n_items=[3],
-        order_gap=[6, 16],
-        p_news=0.02,
-        p_probe=0.05,
-        templates=_TEMPLATES["test"],
+    2: _level(
+        dict(n_rooms=[4, 5, 6], n_items=[2, 3], order_gap=[1, 8], p_news=0.08, p_probe=0.12),
+        dict(n_rooms=[6], n_items=[3], order_gap=[6, 16], p_news=0.02, p_probe=0.05),
     ),
-    3: level(
-        dict(
-            n_rooms=[4, 5, 6, 8],
-            n_items=[2, 3],
-            order_gap=[1, 8],
-            p_news=0.08,
-            p_probe=0.12,
-            templates=_TEMPLATES["train"],
-        ),
-        n_rooms=[7],
-        n_items=[4],
-        order_gap=[8, 24],
-        p_news=0.01,
-        p_probe=0.01,
-        templates=_TEMPLATES["test"],
+    3: _level(
+        dict(n_rooms=[4, 5, 6, 8], n_items=[2, 3], order_gap=[1, 8], p_news=0.08, p_probe=0.12),
+        dict(n_rooms=[7], n_items=[4], order_gap=[8, 24], p_news=0.01, p_probe=0.01),
     ),
 }
 DEFAULT_LEVEL = 3
@@ -133,10 +101,8 @@ def route(adj: dict[str, dict[str, str]], src: str, dst: str) -> list[tuple[str,
 
 
 def generate(n_steps: int, seed: int, split: str = "train", level: int = DEFAULT_LEVEL):
-    check_args("courier", n_steps, seed, split, level, LEVELS)
-    P = LEVELS[level][param_split(split)]
+    P, rng = start_episode("courier", n_steps, seed, split, level, LEVELS)
     T = P["templates"]
-    rng = make_rng("courier", split, seed, n_steps, level)
     n_rooms, n_items = rng.choice(P["n_rooms"]), rng.choice(P["n_items"])
     names = rng.sample(name_pool(split), n_rooms + n_items)
     rooms, items = names[:n_rooms], names[n_rooms:]
@@ -166,12 +132,7 @@ def generate(n_steps: int, seed: int, split: str = "train", level: int = DEFAULT
     for step in range(1, n_steps + 1):
         in_final = step > n_steps - window
         free = [x for x in items if x != held]
-        if free and (
-            in_final
-            and (step == n_steps or rng.random() < P_PROBE_FINAL)
-            or not in_final
-            and rng.random() < P["p_probe"]
-        ):
+        if free and probe_due(rng, step, n_steps, window, P_PROBE_FINAL, P["p_probe"]):
             lags = [step - loc_seen[y] for y in free]
             x = pick_by_lag(rng, free, lags, step) if in_final else rng.choice(free)
             w.add(

@@ -24,16 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from nestlm.envs.base import (
-    Writer,
-    check_args,
-    final_window,
-    level,
-    make_rng,
-    name_pool,
-    param_split,
-    pick_by_lag,
-)
+from nestlm.envs.base import Writer, final_window, level, name_pool, pick_by_lag, start_episode
 
 
 def _templates(split: str, arithmetic: bool) -> dict[str, list[str]]:
@@ -117,9 +108,7 @@ P_PROBE_FINAL = 0.4  # probe rate in the scored final window
 
 
 def generate(n_steps: int, seed: int, split: str = "train", level: int = DEFAULT_LEVEL):
-    check_args("ledger", n_steps, seed, split, level, LEVELS)
-    P = LEVELS[level][param_split(split)]
-    rng = make_rng("ledger", split, seed, n_steps, level)
+    P, rng = start_episode("ledger", n_steps, seed, split, level, LEVELS)
     T = P["templates"]
     M = P["modulus"]
     digits = P["code_digits"]

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from nestlm.envs.base import Writer, check_args, make_rng
+from nestlm.envs.base import Writer, start_episode
 from nestlm.envs.tokenizer import CONSONANTS, KEYWORDS, VOWELS
 
 KEY_CONSONANTS, VALUE_CONSONANTS = CONSONANTS[:7], CONSONANTS[7:]
@@ -37,9 +37,8 @@ DEFAULT_LEVEL = 1
 
 
 def generate(n_steps: int, seed: int, split: str = "train", level: int = DEFAULT_LEVEL):
-    check_args("mqar", n_steps, seed, split, level, LEVELS)
-    n = LEVELS[level]["train" if split != "test" else "test"]["n_pairs"]
-    rng = make_rng("mqar", split, seed, n_steps, level)
+    P, rng = start_episode("mqar", n_steps, seed, split, level, LEVELS)
+    n = P["n_pairs"]
     keys = rng.sample(KEYS, n)
     value = dict(zip(keys, rng.choices(VALUES, k=n)))
     seen = dict.fromkeys(keys, 0)

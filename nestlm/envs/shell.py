@@ -23,61 +23,32 @@ from __future__ import annotations
 
 from typing import Any
 
-from nestlm.envs.base import (
-    Writer,
-    check_args,
-    final_window,
-    level,
-    make_rng,
-    name_pool,
-    param_split,
-    pick_by_lag,
-)
+from nestlm.envs.base import Writer, final_window, level, name_pool, pick_by_lag, probe_due, start_episode
 
 _TEMPLATES = {
     "train": dict(where=["where {x}", "{x} at ?"], peek=["peek {c}", "cup {c} ?"]),
     "test": dict(where=["where is {x}"], peek=["peek cup {c}"]),
 }
+
+
+def _level(train: dict[str, Any], test: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return level(dict(train, templates=_TEMPLATES["train"]), **test, templates=_TEMPLATES["test"])
+
+
 # LEVELS[level][split]. Level 3 is the acb-1.0 benchmark (episodes unchanged); level 1 has three
 # cups, swaps only and a reveal every 1-3 steps, so an answer composes at most a few moves.
 LEVELS: dict[int, dict[str, dict[str, Any]]] = {
-    1: level(
-        dict(
-            n_cups=[3], moves=["swap"], p_idle=[0.0, 0.2], reveal_gap=[1, 3], p_probe=0.3, templates=_TEMPLATES["train"]
-        ),
-        p_idle=[0.3, 0.3],
-        reveal_gap=[2, 4],
-        p_probe=0.2,
-        templates=_TEMPLATES["test"],
+    1: _level(
+        dict(n_cups=[3], moves=["swap"], p_idle=[0.0, 0.2], reveal_gap=[1, 3], p_probe=0.3),
+        dict(p_idle=[0.3, 0.3], reveal_gap=[2, 4], p_probe=0.2),
     ),
-    2: level(
-        dict(
-            n_cups=[3, 4],
-            moves=["swap", "cyc"],
-            p_idle=[0.1, 0.4],
-            reveal_gap=[4, 10],
-            p_probe=0.2,
-            templates=_TEMPLATES["train"],
-        ),
-        n_cups=[4],
-        p_idle=[0.5, 0.5],
-        reveal_gap=[10, 20],
-        p_probe=0.15,
-        templates=_TEMPLATES["test"],
+    2: _level(
+        dict(n_cups=[3, 4], moves=["swap", "cyc"], p_idle=[0.1, 0.4], reveal_gap=[4, 10], p_probe=0.2),
+        dict(n_cups=[4], p_idle=[0.5, 0.5], reveal_gap=[10, 20], p_probe=0.15),
     ),
-    3: level(
-        dict(
-            n_cups=[3, 4, 6],
-            moves=["swap", "cyc", "rot"],
-            p_idle=[0.2, 0.5],
-            reveal_gap=[5, 30],
-            p_probe=0.15,
-            templates=_TEMPLATES["train"],
-        ),
-        n_cups=[5],
-        p_idle=[0.6, 0.6],
-        reveal_gap=[50, 150],
-        templates=_TEMPLATES["test"],
+    3: _level(
+        dict(n_cups=[3, 4, 6], moves=["swap", "cyc", "rot"], p_idle=[0.2, 0.5], reveal_gap=[5, 30], p_probe=0.15),
+        dict(n_cups=[5], p_idle=[0.6, 0.6], reveal_gap=[50, 150]),
     ),
 }
 DEFAULT_LEVEL = 3
@@ -101,9 +72,7 @@ def apply_move(cups: list[str], move: list[str]) -> list[str]:
 
 
 def generate(n_steps: int, seed: int, split: str = "train", level: int = DEFAULT_LEVEL):
-    check_args("shell", n_steps, seed, split, level, LEVELS)
-    P = LEVELS[level][param_split(split)]
-    rng = make_rng("shell", split, seed, n_steps, level)
+    P, rng = start_episode("shell", n_steps, seed, split, level, LEVELS)
     n = rng.choice(P["n_cups"])
     names = rng.sample(name_pool(split), n + 6)
     cups, noise = names[:n], names[n:]
@@ -118,11 +87,7 @@ def generate(n_steps: int, seed: int, split: str = "train", level: int = DEFAULT
 
     for step in range(1, n_steps + 1):
         in_final = step > n_steps - window
-        if (
-            in_final
-            and (step == n_steps or rng.random() < P_PROBE_FINAL)
-            or (not in_final and rng.random() < P["p_probe"])
-        ):
+        if probe_due(rng, step, n_steps, window, P_PROBE_FINAL, P["p_probe"]):
             x = pick_by_lag(rng, cups, [step - seen[y] for y in cups], step) if in_final else rng.choice(cups)
             c = cups.index(x) + 1
             probe = dict(lag=step - seen[x], chance=1 / n, extra=dict(moves=moves_since[x]))
