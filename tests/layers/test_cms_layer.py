@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+from pieces import random_pieces
 
 import nestlm.layers.cms
 from nestlm.layers.cms import CMS
@@ -26,12 +27,7 @@ def make_cms(periods=(None, 3, 7), d=16, hidden=24, lr=0.5, seed=0) -> CMS:
 
 
 def pieces(t: int, rng: random.Random) -> list[tuple[int, int]]:
-    cuts, a = [], 0
-    while a < t:
-        n = rng.choice([1, 1, 2, 4, 5, 9])
-        cuts.append((a, min(t, a + n)))
-        a += n
-    return cuts
+    return random_pieces(t, rng, lengths=(1, 1, 2, 4, 5, 9))
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from pieces import random_pieces
 from safetensors.torch import load_file
 
 import nestlm.layers.hope as hope_module
@@ -44,12 +45,7 @@ def rel_close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
 
 
 def pieces(t: int, rng: random.Random) -> list[tuple[int, int]]:
-    cuts, a = [], 0
-    while a < t:
-        n = rng.choice([1, 1, 2, 4, 6, 11])
-        cuts.append((a, min(t, a + n)))
-        a += n
-    return cuts
+    return random_pieces(t, rng, lengths=(1, 1, 2, 4, 6, 11))
 
 
 @pytest.mark.parametrize(

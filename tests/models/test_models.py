@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from small_configs import SMALL, random_pieces
+from pieces import random_pieces
+from small_configs import SMALL
 
 from nestlm.models import HybridConfig, HybridLM, State, next_token_loss
 from nestlm.models.presets import PRESETS, SIZES, main, preset_files

@@ -7,8 +7,8 @@ import random
 
 import pytest
 import torch
+from pieces import random_pieces
 from small_configs import SMALL as BASE
-from small_configs import random_pieces
 
 from nestlm.models import HybridConfig, HybridLM, State, next_token_loss
 from nestlm.models.state import DEFAULT_RESET_POLICY

@@ -9,6 +9,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from pieces import random_pieces
 
 from nestlm.ops import dgd_scan, dgd_scan_ref, selfmod_scan
 from nestlm.ops.hope.common import aux_grads, aux_read, gates, init_shapes, l2norm, mem_grads, mem_read
@@ -114,12 +115,7 @@ def test_every_switch_matches_the_token_loop(memory, target, decay_to, objective
 
 
 def pieces(t: int, rng: random.Random) -> list[tuple[int, int]]:
-    cuts, a = [], 0
-    while a < t:
-        n = rng.choice([1, 1, 2, 3, 5, 9])
-        cuts.append((a, min(t, a + n)))
-        a += n
-    return cuts
+    return random_pieces(t, rng, lengths=(1, 1, 2, 3, 5, 9))
 
 
 @pytest.mark.parametrize("memory,momentum", [("linear", True), ("mlp", True), ("mlp", False)])
