@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-import numpy as np
+import shards
 import torch
 
 from nestlm.cli import main as nestlm_main
@@ -74,18 +74,7 @@ def lightning_ckpt(path: Path, model: HybridLM, **extra) -> Path:
 
 def make_shards(root: Path, n_docs: int = 24, seed: int = 0) -> Path:
     """Byte-level shards of random word documents (via prepare-data)."""
-    from nestlm.train.prepare import prepare
-
-    rng = np.random.default_rng(seed)
-    words = "alpha beta gamma delta ledger shell courier state memory token".split()
-    txt = root / "txt"
-    txt.mkdir(parents=True, exist_ok=True)
-    for i in range(n_docs):
-        n = int(rng.integers(10, 80))
-        (txt / f"doc{i:03d}.txt").write_text(" ".join(words[j] for j in rng.integers(len(words), size=n)))
-    out = root / "shards"
-    prepare([str(txt)], str(out), val_fraction=0.25, seed=seed)
-    return out
+    return shards.make_shards(root, n_docs, max_words=80, val_fraction=0.25, seed=seed)
 
 
 CALLBACKS = """

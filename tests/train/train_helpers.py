@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
+import shards
 import torch
 from lightning.pytorch.callbacks import Callback
 
@@ -20,18 +20,7 @@ TINY_OVERRIDES = "{vocab_size: 257, d_model: 64, n_heads: 2, layers: [attn, swa]
 
 def make_shards(root: Path, n_docs: int = 30, seed: int = 0) -> Path:
     """Byte-level shards of random word documents (via `nestlm prepare-data`)."""
-    from nestlm.train.prepare import prepare
-
-    rng = np.random.default_rng(seed)
-    words = "alpha beta gamma delta ledger shell courier state memory token".split()
-    txt = root / "txt"
-    txt.mkdir(parents=True, exist_ok=True)
-    for i in range(n_docs):
-        n = int(rng.integers(10, 120))
-        (txt / f"doc{i:03d}.txt").write_text(" ".join(words[j] for j in rng.integers(len(words), size=n)))
-    out = root / "shards"
-    prepare([str(txt)], str(out), val_fraction=0.2, seed=seed)
-    return out
+    return shards.make_shards(root, n_docs, max_words=120, val_fraction=0.2, seed=seed)
 
 
 CALLBACKS = """
@@ -105,7 +94,8 @@ def fit_argv(
 
 def cli_env() -> dict[str, str]:
     env = dict(os.environ)
-    path = os.pathsep.join([str(ROOT), str(Path(__file__).resolve().parent), env.get("PYTHONPATH", "")])
+    here = Path(__file__).resolve().parent
+    path = os.pathsep.join([str(ROOT), str(here), str(here.parent), env.get("PYTHONPATH", "")])
     env.update(PYTHONPATH=path, WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1")
     env.pop("WANDB_API_KEY", None)
     return env
