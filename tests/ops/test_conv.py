@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from op_checks import rel
 
 from nestlm.ops import causal_conv1d, causal_conv1d_ref
 
@@ -24,12 +25,6 @@ def make(b, d, length, w, seed=0, bias=True, init=True, dtype=F64):
 def call(fn, inp, activation):
     kw = dict(inp)
     return fn(kw.pop("x"), kw.pop("weight"), **kw, return_final_states=True, activation=activation)
-
-
-def rel(a, b):
-    # the floor keeps a structurally zero reference (e.g. dA when no state reaches A) from turning
-    # an fp64 rounding residue into a huge relative error; inputs here are O(1)
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
 
 
 @pytest.mark.parametrize(

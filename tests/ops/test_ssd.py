@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from op_checks import assert_grads_match, rel
 
 import nestlm.ops.ssd.chunk as ssd
 from nestlm.ops import ssd_scan, ssd_scan_ref
@@ -35,12 +36,6 @@ def call(fn, inp, chunk, softplus=True):
     return fn(*args, chunk, **kw, dt_softplus=softplus, return_final_states=True)
 
 
-def rel(a, b):
-    # the floor keeps a structurally zero reference (e.g. dA when no state reaches A) from turning
-    # an fp64 rounding residue into a huge relative error; inputs here are O(1)
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
-
-
 CASES = [
     # (b, T, h, p, g, n, chunk, extras, s0, softplus, d_per_channel)
     (1, 1, 2, 3, 1, 2, 16, False, False, True, False),
@@ -68,12 +63,7 @@ def test_outputs_states_grads_match_reference(
     yr, sr = call(ssd_scan_ref, inp, chunk, softplus)
     assert y.shape == (b, T, h, p) and s.shape == (b, h, p, n)
     assert rel(y, yr) < 1e-10 and rel(s, sr) < 1e-10
-    gy, gs = torch.randn_like(y), torch.randn_like(s)
-    names = list(inp)
-    g1 = torch.autograd.grad((y * gy).sum() + (s * gs).sum(), [inp[k] for k in names])
-    g2 = torch.autograd.grad((yr * gy).sum() + (sr * gs).sum(), [inp[k] for k in names])
-    for name, a, r in zip(names, g1, g2):
-        assert rel(a, r) < 1e-9, f"grad of {name}: rel err {rel(a, r)}"
+    assert_grads_match(inp, (y, s), (yr, sr), 1e-9)
 
 
 def test_long_sequence_outputs_and_state():
