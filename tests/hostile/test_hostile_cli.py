@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -46,22 +47,24 @@ def test_fit_usage_errors(tmp_path, capfd, shards, extra, needles):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def copy_shards(src: Path, dst: Path) -> Path:
+    """A copy of the shard folder src at dst, for a test to damage."""
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
 def test_shards_of_a_larger_vocabulary_than_the_model(tmp_path, capfd, shards):
     meta = json.loads((shards / "meta.json").read_text())
-    big = tmp_path / "big"
-    big.mkdir()
-    for f in shards.iterdir():
-        (big / f.name).write_bytes(f.read_bytes())
+    big = copy_shards(shards, tmp_path / "big")
     (big / "meta.json").write_text(json.dumps({**meta, "vocab_size": 50257}))
     code, _, err = run(capfd, *fit_args(tmp_path / "run", big, 2))
     assert_one_line(code, err, "fit", "vocab_size is 50257", "257", exit_code=1)
 
 
 def test_token_ids_past_the_model_vocabulary(tmp_path, capfd, shards):
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    for f in shards.iterdir():
-        (bad / f.name).write_bytes(f.read_bytes())
+    bad = copy_shards(shards, tmp_path / "bad")
     arr = np.fromfile(bad / "train_000.bin", dtype=np.uint16)
     arr[arr != 256] = 300  # a corrupt shard: ids the meta.json vocabulary does not have
     arr.tofile(bad / "train_000.bin")
@@ -70,10 +73,9 @@ def test_token_ids_past_the_model_vocabulary(tmp_path, capfd, shards):
 
 
 def test_empty_validation_shard_is_named(tmp_path, capfd, shards):
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    for f in shards.iterdir():
-        (empty / f.name).write_bytes(b"" if f.name.startswith("val_") else f.read_bytes())
+    empty = copy_shards(shards, tmp_path / "empty")
+    for f in empty.glob("val_*"):
+        f.write_bytes(b"")
     code, _, err = run(capfd, *fit_args(tmp_path / "run", empty, 2, "--trainer.val_check_interval", "1"))
     assert_one_line(code, err, "fit", "val_000.bin is empty", exit_code=1)
 
