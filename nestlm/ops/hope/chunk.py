@@ -48,11 +48,9 @@ from nestlm.ops.hope.common import (
     AUX_LAYERS,
     MEM_LAYERS,
     aux_grads,
-    aux_read,
     check,
     expand_gate,
-    gates,
-    l2norm,
+    keys_and_gates,
     layer_lr,
     layers,
     mem_grads,
@@ -275,10 +273,7 @@ def dgd_scan(
     for x_s, lm_s, fresh_s in zip(x.split(sizes, 2), lms, fresh):
         if fresh_s:
             A.update({layer: anchor(layer) for layer in AUX_LAYERS[memory]})
-        k, v, zg, _ = aux_read(A, x_s, c)
-        k = l2norm(k)
-        v = l2norm(v) if normalize_v else v
-        lr, log_retain = gates(zg, max_lr, lr_bias, decay_bias)
+        k, v, lr, log_retain = keys_and_gates(A, x_s, c, normalize_v, max_lr, lr_bias, decay_bias)
         co = _gate_coeffs(log_retain, lm_s, delta)
         for layer, key, g in aux_grads(A, k, v, c, objective):
             step(layer, key, g, lr, co)

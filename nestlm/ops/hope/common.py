@@ -86,6 +86,17 @@ def aux_read(A: dict[str, Tensor], x: Tensor, c: int) -> tuple[Tensor, Tensor, T
     return k, v, zg, (zkv, hid)
 
 
+def keys_and_gates(
+    A: dict[str, Tensor], x: Tensor, c: int, normalize_v: bool, max_lr: float, lr_bias: Tensor, decay_bias: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """What the aux memories at anchor A write the memories with, at inputs x [b, h, s, c]:
+    L2-normalised keys k and values v (normalised when normalize_v) [b, h, s, c], step sizes lr and
+    log retention [b, h, s] (see `gates`)."""
+    k, v, zg, _ = aux_read(A, x, c)
+    v = l2norm(v) if normalize_v else v
+    return l2norm(k), v, *gates(zg, max_lr, lr_bias, decay_bias)
+
+
 def mem_read(M: dict[str, Tensor], x: Tensor) -> tuple[Tensor, tuple | None]:
     """The main memory at inputs x [..., s, c] -> ([..., s, c], (mlp) hidden pre-activation and activation)."""
     if "mem" in M:

@@ -8,11 +8,9 @@ from torch import Tensor
 from nestlm.ops.hope.common import (
     AUX_LAYERS,
     aux_grads,
-    aux_read,
     check,
     expand_gate,
-    gates,
-    l2norm,
+    keys_and_gates,
     layer_lr,
     layers,
     mem_grads,
@@ -99,10 +97,8 @@ def dgd_scan_ref(
                     refresh.view(-1, *[1] * (st[f"{layer}_W"].dim() - 1)), st[f"{layer}_W"], st[f"{layer}_A"]
                 )
         anchor = {layer: st[f"{layer}_A"] for layer in layers(memory)}
-        k, v, zg, _ = aux_read(anchor, x_i[:, :, None], c)  # [b, h, 1, c]
-        k = l2norm(k)
-        v = l2norm(v) if normalize_v else v
-        lr, log_retain = gates(zg, max_lr, lr_bias, decay_bias)  # [b, h, 1]
+        # k, v [b, h, 1, c]; lr, log_retain [b, h, 1]
+        k, v, lr, log_retain = keys_and_gates(anchor, x_i[:, :, None], c, normalize_v, max_lr, lr_bias, decay_bias)
         outs.append(mem_read(anchor, q_i[:, :, None])[0][:, :, 0])
         lm = None if lm_i is None else lm_i[:, :, None]
         for layer, key, g in aux_grads(anchor, k, v, c, objective) + mem_grads(anchor, k, v, target, objective):
