@@ -56,8 +56,6 @@ __global__ void __launch_bounds__(kThreads) memory_scan_bwd_kernel(MemoryScanBwd
   float* sEBG = sdc + C;   // 3
   float* sRed = sEBG + 4;          // [kWarps][3]
 
-  const T* q = static_cast<const T*>(p.q);
-  const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
   const TY* dy = static_cast<const TY*>(p.dy);
   T* dv_out = static_cast<T*>(p.dv);
@@ -84,23 +82,12 @@ __global__ void __launch_bounds__(kThreads) memory_scan_bwd_kernel(MemoryScanBwd
       sW0[d * LD + kk] = p.W_states[o];
       sS0[d * LD + kk] = p.S_states[o];
     }
-    for (int idx = tid; idx < n * DK; idx += kThreads) {
-      const int i = idx / DK, kk = idx % DK;
-      const size_t g = ((static_cast<size_t>(b) * L + s + i) * H + h) * DK + kk;
-      sQ[i * LD + kk] = to_float(q[g]);
-      sK[i * LD + kk] = to_float(k[g]);
-    }
+    stage_keys_and_gates<T, DK>(p, b, h, s, n, sQ, sK, sTh, sEt, sAl);
     for (int idx = tid; idx < n * ROWS; idx += kThreads) {
       const int i = idx / ROWS, d = idx % ROWS;
       const size_t g = ((static_cast<size_t>(b) * L + s + i) * H + h) * DV + r0 + d;
       sV[idx] = to_float(v[g]);
       sdY[idx] = to_float(dy[g]);
-    }
-    for (int i = tid; i < n; i += kThreads) {
-      const size_t g = (static_cast<size_t>(b) * L + s + i) * H + h;
-      sTh[i] = p.lr[g];
-      sEt[i] = p.momentum[g];
-      sAl[i] = p.decay[g];
     }
     __syncthreads();
     if (tid == 0) segment_coefficients(n, sTh, sEt, sAl, sa, sc, sP, sg, sD, sEBG);
@@ -249,13 +236,7 @@ size_t bwd_smem_bytes(int C) {
 template <typename T, typename TY, int DK, int ROWS>
 int launch_bwd(const MemoryScanBwdArgs& p, cudaStream_t stream) {
   const size_t smem = bwd_smem_bytes<DK, ROWS>(p.shape.chunk_size);
-  auto kernel = memory_scan_bwd_kernel<T, TY, DK, ROWS>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem));
-  if (err != cudaSuccess) return static_cast<int>(err);
-  const int grid = p.shape.batch * p.shape.heads * (p.shape.dv / ROWS);
-  NESTLM_LAUNCH(kernel, grid, kThreads, smem, stream, p);
-  return static_cast<int>(cudaGetLastError());
+  return launch_row_slices<ROWS>(memory_scan_bwd_kernel<T, TY, DK, ROWS>, p, smem, stream);
 }
 
 template <typename T, typename TY>

@@ -1,4 +1,4 @@
-// Device helpers shared by the forward and backward memory-scan kernels.
+// Helpers shared by the forward and backward memory-scan kernels and their launches.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -78,10 +78,45 @@ __device__ __forceinline__ void segment_coefficients(int n, const float* th, con
   EBG[2] = et[0] * gg;
 }
 
+// Stage the tokens [s, s + n) of batch row b, head h: their q and k rows into sQ, sK ([n, DK], rows
+// padded to DK + 1) and their gates lr, momentum, decay into sTh, sEt, sAl ([n]).
+template <typename T, int DK, typename Args>
+__device__ __forceinline__ void stage_keys_and_gates(const Args& p, int b, int h, int s, int n, float* sQ, float* sK,
+                                                     float* sTh, float* sEt, float* sAl) {
+  constexpr int LD = DK + 1;
+  const int L = p.shape.length, H = p.shape.heads, tid = threadIdx.x;
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  for (int idx = tid; idx < n * DK; idx += kThreads) {
+    const int i = idx / DK, kk = idx % DK;
+    const size_t g = ((static_cast<size_t>(b) * L + s + i) * H + h) * DK + kk;
+    sQ[i * LD + kk] = to_float(q[g]);
+    sK[i * LD + kk] = to_float(k[g]);
+  }
+  for (int i = tid; i < n; i += kThreads) {
+    const size_t g = (static_cast<size_t>(b) * L + s + i) * H + h;
+    sTh[i] = p.lr[g];
+    sEt[i] = p.momentum[g];
+    sAl[i] = p.decay[g];
+  }
+}
+
 __device__ __forceinline__ float warp_sum(float x) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
   return x;
+}
+
+// Launch `kernel` with one block per (batch, head, slice of ROWS rows of W) and `smem` bytes of
+// dynamic shared memory (above 48 KiB a kernel must opt in to it).
+template <int ROWS, typename Kernel, typename Args>
+int launch_row_slices(Kernel kernel, const Args& p, size_t smem, cudaStream_t stream) {
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(smem));
+  if (err != cudaSuccess) return static_cast<int>(err);
+  const int grid = p.shape.batch * p.shape.heads * (p.shape.dv / ROWS);
+  NESTLM_LAUNCH(kernel, grid, kThreads, smem, stream, p);
+  return static_cast<int>(cudaGetLastError());
 }
 
 }  // namespace detail

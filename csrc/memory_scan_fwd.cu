@@ -43,8 +43,6 @@ __global__ void __launch_bounds__(kThreads) memory_scan_fwd_kernel(MemoryScanFwd
   float* sD = sg + C;
   float* sEBG = sD + C;
 
-  const T* q = static_cast<const T*>(p.q);
-  const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
   TY* y = static_cast<TY*>(p.y);
   const size_t state_base = (static_cast<size_t>(bh) * DV + r0) * DK;
@@ -73,21 +71,10 @@ __global__ void __launch_bounds__(kThreads) memory_scan_fwd_kernel(MemoryScanFwd
         p.S_states[o] = sS[d * LD + kk];
       }
     }
-    for (int idx = tid; idx < n * DK; idx += kThreads) {
-      const int i = idx / DK, kk = idx % DK;
-      const size_t g = ((static_cast<size_t>(b) * L + s + i) * H + h) * DK + kk;
-      sQ[i * LD + kk] = to_float(q[g]);
-      sK[i * LD + kk] = to_float(k[g]);
-    }
+    stage_keys_and_gates<T, DK>(p, b, h, s, n, sQ, sK, sTh, sEt, sAl);
     for (int idx = tid; idx < n * ROWS; idx += kThreads) {
       const int i = idx / ROWS, d = idx % ROWS;
       sV[idx] = to_float(v[((static_cast<size_t>(b) * L + s + i) * H + h) * DV + r0 + d]);
-    }
-    for (int i = tid; i < n; i += kThreads) {
-      const size_t g = (static_cast<size_t>(b) * L + s + i) * H + h;
-      sTh[i] = p.lr[g];
-      sEt[i] = p.momentum[g];
-      sAl[i] = p.decay[g];
     }
     __syncthreads();
     if (tid == 0) segment_coefficients(n, sTh, sEt, sAl, sa, sc, sP, sg, sD, sEBG);
@@ -147,13 +134,7 @@ size_t fwd_smem_bytes(int C) {
 template <typename T, typename TY, int DK, int ROWS>
 int launch_fwd(const MemoryScanFwdArgs& p, cudaStream_t stream) {
   const size_t smem = fwd_smem_bytes<DK, ROWS>(p.shape.chunk_size);
-  auto kernel = memory_scan_fwd_kernel<T, TY, DK, ROWS>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem));
-  if (err != cudaSuccess) return static_cast<int>(err);
-  const int grid = p.shape.batch * p.shape.heads * (p.shape.dv / ROWS);
-  NESTLM_LAUNCH(kernel, grid, kThreads, smem, stream, p);
-  return static_cast<int>(cudaGetLastError());
+  return launch_row_slices<ROWS>(memory_scan_fwd_kernel<T, TY, DK, ROWS>, p, smem, stream);
 }
 
 template <typename T, typename TY>
