@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+from layer_checks import assert_causal_and_batch_independent, run_in_pieces
 from pieces import random_pieces
 
 import nestlm.layers.cms
@@ -66,11 +67,8 @@ def test_streaming_equals_one_call():
     x = torch.randn(2, 70, 16, dtype=torch.float64)
     with torch.no_grad():
         y, s = m(x)
-        state, ys = None, []
-        for a, b in pieces(70, random.Random(3)):
-            yy, state = m(x[:, a:b], state)
-            ys.append(yy)
-    assert (torch.cat(ys, 1) - y).norm() / y.norm() <= 1e-12
+        ys, state = run_in_pieces(m, x, pieces(70, random.Random(3)))
+    assert (ys - y).norm() / y.norm() <= 1e-12
     for k in s:
         assert torch.allclose(s[k], state[k], rtol=1e-11, atol=1e-14), k
     assert int(state["level1.pos"][0]) == 70
@@ -78,14 +76,7 @@ def test_streaming_equals_one_call():
 
 def test_causality_and_batch_independence():
     m = make_cms()
-    x = torch.randn(3, 40, 16, dtype=torch.float64)
-    z = x.clone()
-    z[1, 25] += 1.0
-    with torch.no_grad():
-        a, b = m(x)[0], m(z)[0]
-    assert torch.equal(a[1, :25], b[1, :25])
-    assert not torch.allclose(a[1, 25:], b[1, 25:])
-    assert torch.equal(a[[0, 2]], b[[0, 2]])
+    assert_causal_and_batch_independent(m, torch.randn(3, 40, 16, dtype=torch.float64), row=1, t=25)
 
 
 def test_fast_weights_change_only_at_period_ends():

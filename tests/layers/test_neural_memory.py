@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from layer_checks import run_in_pieces
 
 import nestlm.layers.memory
 from nestlm.layers.memory import NeuralMemory
@@ -80,11 +81,8 @@ def test_layer_streaming_matches_one_call(depth):
     x = torch.randn(3, 41, 24, dtype=F64)
     with torch.no_grad():
         y_full, st_full = m(x)
-        ys, st = [], None
-        for a, b in [(0, 1), (1, 2), (2, 7), (7, 8), (8, 9), (9, 22), (22, 23), (23, 41)]:
-            y, st = m(x[:, a:b], st)
-            ys.append(y)
-    assert rel_err(torch.cat(ys, 1), y_full) < 1e-9
+        ys, st = run_in_pieces(m, x, [(0, 1), (1, 2), (2, 7), (7, 8), (8, 9), (9, 22), (22, 23), (23, 41)])
+    assert rel_err(ys, y_full) < 1e-9
     assert st.keys() == st_full.keys()
     for n in st:
         assert st[n].dtype == st_full[n].dtype
