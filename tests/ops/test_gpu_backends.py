@@ -143,6 +143,16 @@ def _check_close(a, b, dtype, what):
     assert err < TOL[dtype]["rtol"] * 10, f"{what}: rel err {err}"
 
 
+def _check_outputs_states_grads(got, want, dtype, state_name, names, inputs):
+    """A kernel's (output, state) against the PyTorch path's, and the gradients of the outputs
+    with respect to `inputs` (named by the words of `names`)."""
+    (y1, s1), (y2, s2) = got, want
+    _check_close(y1, y2, dtype, "out")
+    _check_close(s1, s2, dtype, state_name)
+    for name, g1, g2 in zip(names.split(), _grads(y1, inputs), _grads(y2, inputs)):
+        _check_close(g1, g2, dtype, f"grad {name}")
+
+
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -161,10 +171,7 @@ def test_selective_scan_vendor_vs_torch(dtype):
     assert backends.choose("selective_scan", dev) == "vendor"
     y1, h1 = selective_scan(*ins[:5], D=D, z=z, delta_bias=bias, delta_softplus=True, return_last_state=True)
     y2, h2 = _selective_scan_torch(*ins[:5], D, z, bias, True, True, None)
-    _check_close(y1, y2, dtype, "out")
-    _check_close(h1, h2, dtype, "last_state")
-    for name, g1, g2 in zip("u delta A B C D z bias".split(), _grads(y1, ins), _grads(y2, ins)):
-        _check_close(g1, g2, dtype, f"grad {name}")
+    _check_outputs_states_grads((y1, h1), (y2, h2), dtype, "last_state", "u delta A B C D z bias", ins)
 
 
 @gpu
@@ -186,10 +193,7 @@ def test_ssd_vendor_vs_torch(dtype):
     assert backends.choose("ssd_scan", dev) == "vendor"
     y1, s1 = ssd_scan(x, dt, A, B, C, 64, **kw)
     y2, s2 = _ssd_torch(x, dt, A, B, C, 64, D, z, bias, s0, True, True)
-    _check_close(y1, y2, dtype, "out")
-    _check_close(s1, s2, dtype, "final_states")
-    for name, g1, g2 in zip("x dt A B C D z bias s0".split(), _grads(y1, ins), _grads(y2, ins)):
-        _check_close(g1, g2, dtype, f"grad {name}")
+    _check_outputs_states_grads((y1, s1), (y2, s2), dtype, "final_states", "x dt A B C D z bias s0", ins)
 
 
 @gpu
@@ -207,10 +211,7 @@ def test_causal_conv1d_vendor_vs_torch(dtype):
     assert backends.choose("causal_conv1d", dev) == "vendor"
     y1, f1 = causal_conv1d(x, weight, bias, s0, True, "silu")
     y2, f2 = _conv_torch(x, weight, bias, s0, True, "silu")
-    _check_close(y1, y2, dtype, "out")
-    _check_close(f1, f2, dtype, "final_states")
-    for name, g1, g2 in zip("x weight bias s0".split(), _grads(y1, ins[:3]), _grads(y2, ins[:3])):
-        _check_close(g1, g2, dtype, f"grad {name}")
+    _check_outputs_states_grads((y1, f1), (y2, f2), dtype, "final_states", "x weight bias", ins[:3])
 
 
 @gpu
