@@ -15,6 +15,16 @@ def run_in_pieces(layer, x: torch.Tensor, cuts, state=None) -> tuple[torch.Tenso
     return torch.cat(ys, 1), state
 
 
+def assert_streaming_equals_one_call(layer, x: torch.Tensor, cuts, tol: float) -> tuple[dict, dict]:
+    """The outputs of x [b, t, d] fed in pieces (cuts) equal one call's (norm-relative error <= tol);
+    returns the states after the one call and after the pieces, for the caller to compare."""
+    with torch.no_grad():
+        y, whole = layer(x)
+        ys, streamed = run_in_pieces(layer, x, cuts)
+    assert (ys - y).norm() / y.norm() <= tol
+    return whole, streamed
+
+
 def assert_causal_and_batch_independent(layer, x: torch.Tensor, row: int, t: int) -> None:
     """Changing token t of batch row `row` of x [b, T, d] changes that row's outputs from t on and
     nothing else: not its earlier outputs, not the other rows."""
