@@ -1,0 +1,155 @@
+"""Does the token layout decide whether a 2-layer attention model learns MQAR?
+
+The same HybridLM and optimiser on four layouts of the same task (8 key-value pairs from the MQAR
+env's key and value syllables, loss on the queried values only, fresh random sequences every step):
+
+    zoology   k1 v1 k2 v2 ... k3 v3 k1 v1             Zoology's: the query key is the current token
+    dsl       [P] mqar k1 v1 ... [/P] [Q] k3 [A] v3 [E] ...     the env's trajectory layout
+    dsl-vk    the same with each briefing pair written value first (v1 k1)
+    echo      [Q] k3 [A] k3 v3 [E]: the answer restates the key, the value follows it
+
+    python bench/mqar_layouts.py --layout zoology --queries 8 --steps 3000 --schedule onecycle
+
+Prints validation accuracy (256 held-out sequences) every `--every` steps and writes the curve as JSON
+(bench/results/mqar_layouts/<layout>-<name>.json) with the settings, CPU time and load average.
+Every layout uses nestlm's tokenizer and `nestlm.models.next_token_loss`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import random
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from nestlm.envs.mqar import KEYS, VALUES
+from nestlm.envs.tokenizer import get_tokenizer
+from nestlm.models import HybridConfig, HybridLM, next_token_loss
+
+LAYOUTS = ("zoology", "dsl", "dsl-vk", "echo")
+RESULTS = Path(__file__).resolve().parent / "results" / "mqar_layouts"
+
+
+def make_sequence(rng: random.Random, layout: str, n_queries: int, n_pairs: int = 8) -> tuple[list[int], list[int]]:
+    """One sequence (token ids) and the positions whose next token is a queried value."""
+    tok = get_tokenizer()
+    tid = tok.token_to_id
+    keys = rng.sample([tid(k) for k in KEYS], n_pairs)
+    vals = [rng.choice([tid(v) for v in VALUES]) for _ in keys]
+    seq, targets = [tok.bos_id], []
+    if layout != "zoology":
+        seq += [tid("[P]"), *tok.encode("mqar")]
+    for k, v in zip(keys, vals):
+        seq += [v, k] if layout == "dsl-vk" else [k, v]
+    if layout != "zoology":
+        seq.append(tid("[/P]"))
+    order: list[int] = []
+    for _ in range(n_queries):
+        order = order or rng.sample(range(n_pairs), n_pairs)  # queries in rounds, as the env asks them
+        i = order.pop()
+        if layout == "zoology":
+            seq.append(keys[i])
+        elif layout == "echo":
+            seq += [tid("[Q]"), keys[i], tid("[A]"), keys[i]]
+        else:
+            seq += [tid("[Q]"), keys[i], tid("[A]")]
+        targets.append(len(seq) - 1)
+        seq.append(vals[i])
+        if layout != "zoology":
+            seq.append(tid("[E]"))
+    return seq, targets
+
+
+def make_batch(rng: random.Random, layout: str, n_queries: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [batch, T] and labels [batch, T] (the value at each query position, -100 elsewhere)."""
+    rows = [make_sequence(rng, layout, n_queries) for _ in range(batch)]
+    t = max(len(s) for s, _ in rows) - 1
+    ids = torch.zeros(batch, t, dtype=torch.long)
+    labels = torch.full((batch, t), -100)
+    for r, (s, targets) in enumerate(rows):
+        ids[r, : len(s) - 1] = torch.tensor(s[:-1])
+        labels[r, targets] = torch.tensor([s[j + 1] for j in targets])
+    return ids, labels
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--layout", choices=LAYOUTS, default="dsl")
+    ap.add_argument("--queries", type=int, default=8, help="queries per sequence (in rounds over the 8 keys)")
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--weight-decay", type=float, default=0.1)
+    ap.add_argument("--schedule", choices=("onecycle", "cosine"), default="onecycle")
+    ap.add_argument("--warmup", type=int, default=100, help="cosine only")
+    ap.add_argument("--layers", default="attn,attn")
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--d-model", type=int, default=128)
+    ap.add_argument("--rope-theta", type=float, default=10000.0)
+    ap.add_argument("--every", type=int, default=250)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--name", default="", help="suffix of the results file")
+    ap.add_argument("--out", type=Path, default=None)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    cfg = HybridConfig.preset(
+        "transformer", "tiny", layers=a.layers.split(","), n_heads=a.heads, d_model=a.d_model, rope_theta=a.rope_theta
+    )
+    model = HybridLM(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=a.weight_decay)
+    if a.schedule == "onecycle":
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=a.lr, total_steps=a.steps)
+    else:
+        span = max(1, a.steps - a.warmup)
+
+        def factor(s: int) -> float:
+            return (s + 1) / a.warmup if s < a.warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * (s - a.warmup) / span))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    rng = random.Random(0)
+    val_ids, val_labels = make_batch(random.Random(123), a.layout, a.queries, 256)
+    load0, cpu0, t0 = os.getloadavg(), resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    curve = []
+    for step in range(1, a.steps + 1):
+        ids, labels = make_batch(rng, a.layout, a.queries, a.batch)
+        loss, _ = next_token_loss(model(ids).logits, labels)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % a.every == 0 or step == a.steps:
+            with torch.no_grad():
+                pred = model(val_ids).logits.argmax(-1)
+            mask = val_labels != -100
+            acc = (pred[mask] == val_labels[mask]).float().mean().item()
+            curve.append({"step": step, "train_loss": round(loss.item(), 4), "val_acc": round(acc, 4)})
+            took = time.perf_counter() - t0
+            print(f"{a.layout} step {step}: loss {loss.item():.3f}, val acc {acc:.3f}, {took:.0f} s", flush=True)
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    out = a.out or RESULTS / f"{a.layout}{'-' + a.name if a.name else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "settings": vars(a) | {"out": str(out)},
+        "curve": curve,
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "cpu_s": round(cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime, 1),
+        "loadavg_start": load0,
+        "loadavg_end": os.getloadavg(),
+        "torch": torch.__version__,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    out.write_text(json.dumps(record, indent=1, default=str) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

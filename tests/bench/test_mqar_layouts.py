@@ -1,0 +1,38 @@
+"""bench/mqar_layouts.py: every layout asks the briefing's pairs, and the labels are the values."""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+from pathlib import Path
+
+import pytest
+
+from nestlm.envs.mqar import KEYS, VALUES
+from nestlm.envs.tokenizer import get_tokenizer
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("mqar_layouts", ROOT / "bench" / "mqar_layouts.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("layout", ["zoology", "dsl", "dsl-vk", "echo"])
+def test_queries_ask_the_briefing_pairs(layout):
+    mod = _module()
+    tok = get_tokenizer()
+    keys, values = {tok.token_to_id(k) for k in KEYS}, {tok.token_to_id(v) for v in VALUES}
+    seq, targets = mod.make_sequence(random.Random(5), layout, n_queries=11)
+    brief = [t for t in seq[: targets[0]] if t in keys or t in values][:16]
+    pairs = dict(zip(brief[1::2], brief[0::2])) if layout == "dsl-vk" else dict(zip(brief[0::2], brief[1::2]))
+    assert len(pairs) == 8 and len(targets) == 11
+    for j in targets:
+        key = seq[j] if layout in ("zoology", "echo") else seq[j - 1]
+        assert seq[j + 1] == pairs[key], (layout, j)
+    ids, labels = mod.make_batch(random.Random(5), layout, 11, batch=3)
+    assert ids.shape == labels.shape and int((labels != -100).sum()) == 33
+    assert set(labels[labels != -100].tolist()) <= values
