@@ -68,6 +68,7 @@ def test_one_tiny_sweep_end_to_end(tmp_path):
         "model: {preset: transformer, size: tiny, warmup_steps: 1}\n"
         "data:\n  class_path: nestlm.train.data.SyntheticTrajectories\n"
         "  init_args: {envs: [mqar], batch_size: 2, seq_len: 64, min_steps: 4, max_steps: 6, loss: answers,"
+        " curriculum: null,"
         " val_batches_n: 1}\n"
     )
     out = tmp_path / "sweep.json"

@@ -25,10 +25,14 @@ def _print_config(capsys, *argv: str) -> dict:
     return yaml.safe_load(out)
 
 
-def test_default_config_is_the_flagship_on_synthetic_trajectories(capsys):
+def test_default_config_is_a_tiny_preset_on_the_level_1_curriculum(capsys):
     cfg = _print_config(capsys)
-    assert cfg["model"]["preset"] == "hope-hybrid" and cfg["model"]["size"] == "tiny"
+    assert cfg["model"]["size"] == "tiny"
     assert cfg["data"]["class_path"].endswith("SyntheticTrajectories")
+    data = cfg["data"]["init_args"]
+    assert data["loss"] == "answers" and len(data["curriculum"]) >= 2
+    assert data["curriculum"][0]["envs"] == ["ledger:1"]
+    assert all(env.endswith(":1") for stage in data["curriculum"] for env in stage["envs"])
     ck = [c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("RunCheckpoint")]
     assert ck and ck[0]["init_args"]["every_n_train_steps"] <= 50 and ck[0]["init_args"]["save_last"]
     assert cfg["trainer"]["logger"]["class_path"].endswith("WandbRun")

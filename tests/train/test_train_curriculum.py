@@ -149,6 +149,19 @@ def test_curriculum_errors_name_the_field(curriculum, match):
         SyntheticTrajectories(curriculum=curriculum)
 
 
+def test_envs_beside_a_curriculum_must_be_the_stages_envs():
+    """A config layered on one with a curriculum (the default run's) must not train on the stages'
+    envs while it names others: it says so, and `curriculum: null` trains on its own envs."""
+    stages = [{"envs": ["ledger:1"], "until_step": 5}, {"envs": ["ledger:1", "shell:1"]}]
+    with pytest.raises(ValueError, match=r"SyntheticTrajectories.envs=\['mqar'\] differs .*curriculum: null"):
+        SyntheticTrajectories(envs=["mqar"], curriculum=stages)
+    assert SyntheticTrajectories(envs=["shell:1", "ledger:1"], curriculum=stages).stages[1]["envs"] == [
+        "ledger:1",
+        "shell:1",
+    ]
+    assert SyntheticTrajectories(envs=["mqar"], curriculum=None).stages[0]["envs"] == ["mqar"]
+
+
 def test_validation_scores_every_probe_by_env_and_kind():
     from nestlm.models import HybridConfig, HybridLM
     from nestlm.train.module import answer_scores
