@@ -29,6 +29,7 @@ CURRICULUM = """data:
   init_args:
     loss: answers
     segment_len: 16
+    envs: [ledger:1, mqar, shell:1]
     curriculum:
       - {envs: [mqar], min_steps: 4, max_steps: 6, gate: {min_accuracy: 0.0, every: 2, episodes: 2}}
       - {envs: [ledger:1], min_steps: 3, max_steps: 5, until_step: 8}
