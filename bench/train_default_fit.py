@@ -52,7 +52,8 @@ def main() -> None:
         run = Path(tmp) / "runs" / "default"
         losses = [json.loads(x) for x in (run / "losses.jsonl").read_text().splitlines() if x.strip()]
         exported = (run / "export" / "model.safetensors").is_file()
-        printed = [x.strip() for x in proc.stdout.splitlines() + proc.stderr.splitlines() if "nestlm eval" in x]
+        out = proc.stdout.splitlines() + proc.stderr.splitlines()
+        printed = [x[x.index("nestlm eval") :].strip() for x in out if "nestlm eval" in x]
     row = {
         "command": "nestlm fit " + " ".join(a.extra),
         "wall_s": round(wall, 1),
