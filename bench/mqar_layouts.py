@@ -7,6 +7,8 @@ env's key and value syllables, loss on the queried values only, fresh random seq
     dsl       [P] mqar k1 v1 ... [/P] [Q] k3 [A] v3 [E] ...     the env's trajectory layout
     dsl-vk    the same with each briefing pair written value first (v1 k1)
     echo      [Q] k3 [A] k3 v3 [E]: the answer restates the key, the value follows it
+    no-a      [Q] k3 v3 [E]: the trajectory layout without the `[A]` between key and value
+    brief     the dsl briefing, then Zoology's bare queries k3 v3
 
     python bench/mqar_layouts.py --layout zoology --queries 8 --steps 3000 --schedule onecycle
 
@@ -33,7 +35,7 @@ from nestlm.envs.mqar import KEYS, VALUES
 from nestlm.envs.tokenizer import get_tokenizer
 from nestlm.models import HybridConfig, HybridLM, next_token_loss
 
-LAYOUTS = ("zoology", "dsl", "dsl-vk", "echo")
+LAYOUTS = ("zoology", "dsl", "dsl-vk", "echo", "no-a", "brief")
 RESULTS = Path(__file__).resolve().parent / "results" / "mqar_layouts"
 
 
@@ -54,15 +56,17 @@ def make_sequence(rng: random.Random, layout: str, n_queries: int, n_pairs: int 
     for _ in range(n_queries):
         order = order or rng.sample(range(n_pairs), n_pairs)  # queries in rounds, as the env asks them
         i = order.pop()
-        if layout == "zoology":
+        if layout in ("zoology", "brief"):
             seq.append(keys[i])
+        elif layout == "no-a":
+            seq += [tid("[Q]"), keys[i]]
         elif layout == "echo":
             seq += [tid("[Q]"), keys[i], tid("[A]"), keys[i]]
         else:
             seq += [tid("[Q]"), keys[i], tid("[A]")]
         targets.append(len(seq) - 1)
         seq.append(vals[i])
-        if layout != "zoology":
+        if layout not in ("zoology", "brief"):
             seq.append(tid("[E]"))
     return seq, targets
 
