@@ -9,6 +9,7 @@ env's key and value syllables, loss on the queried values only, fresh random seq
     echo      [Q] k3 [A] k3 v3 [E]: the answer restates the key, the value follows it
     no-a      [Q] k3 v3 [E]: the trajectory layout without the `[A]` between key and value
     brief     the dsl briefing, then Zoology's bare queries k3 v3
+    prefix    Zoology's layout after the briefing's opening `[P] mqar` (no `[/P]`)
 
     python bench/mqar_layouts.py --layout zoology --queries 8 --steps 3000 --schedule onecycle
 
@@ -35,7 +36,7 @@ from nestlm.envs.mqar import KEYS, VALUES
 from nestlm.envs.tokenizer import get_tokenizer
 from nestlm.models import HybridConfig, HybridLM, next_token_loss
 
-LAYOUTS = ("zoology", "dsl", "dsl-vk", "echo", "no-a", "brief")
+LAYOUTS = ("zoology", "dsl", "dsl-vk", "echo", "no-a", "brief", "prefix")
 RESULTS = Path(__file__).resolve().parent / "results" / "mqar_layouts"
 
 
@@ -50,13 +51,13 @@ def make_sequence(rng: random.Random, layout: str, n_queries: int, n_pairs: int 
         seq += [tid("[P]"), *tok.encode("mqar")]
     for k, v in zip(keys, vals):
         seq += [v, k] if layout == "dsl-vk" else [k, v]
-    if layout != "zoology":
+    if layout not in ("zoology", "prefix"):
         seq.append(tid("[/P]"))
     order: list[int] = []
     for _ in range(n_queries):
         order = order or rng.sample(range(n_pairs), n_pairs)  # queries in rounds, as the env asks them
         i = order.pop()
-        if layout in ("zoology", "brief"):
+        if layout in ("zoology", "brief", "prefix"):
             seq.append(keys[i])
         elif layout == "no-a":
             seq += [tid("[Q]"), keys[i]]
@@ -66,7 +67,7 @@ def make_sequence(rng: random.Random, layout: str, n_queries: int, n_pairs: int 
             seq += [tid("[Q]"), keys[i], tid("[A]")]
         targets.append(len(seq) - 1)
         seq.append(vals[i])
-        if layout not in ("zoology", "brief"):
+        if layout not in ("zoology", "brief", "prefix"):
             seq.append(tid("[E]"))
     return seq, targets
 

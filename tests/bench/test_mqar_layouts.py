@@ -21,7 +21,7 @@ def _module():
     return mod
 
 
-@pytest.mark.parametrize("layout", ["zoology", "dsl", "dsl-vk", "echo", "no-a", "brief"])
+@pytest.mark.parametrize("layout", ["zoology", "dsl", "dsl-vk", "echo", "no-a", "brief", "prefix"])
 def test_queries_ask_the_briefing_pairs(layout):
     mod = _module()
     tok = get_tokenizer()
@@ -31,7 +31,7 @@ def test_queries_ask_the_briefing_pairs(layout):
     pairs = dict(zip(brief[1::2], brief[0::2])) if layout == "dsl-vk" else dict(zip(brief[0::2], brief[1::2]))
     assert len(pairs) == 8 and len(targets) == 11
     for j in targets:
-        key = seq[j] if layout in ("zoology", "echo", "no-a", "brief") else seq[j - 1]
+        key = seq[j] if layout in ("zoology", "echo", "no-a", "brief", "prefix") else seq[j - 1]
         assert seq[j + 1] == pairs[key], (layout, j)
     ids, labels = mod.make_batch(random.Random(5), layout, 11, batch=3)
     assert ids.shape == labels.shape and int((labels != -100).sum()) == 33
