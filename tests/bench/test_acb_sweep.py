@@ -3,21 +3,18 @@ an eval report, the chosen lr, and one real (tiny) sweep run end to end."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
+from bench_scripts import load_bench
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("acb_sweep", ROOT / "bench" / "acb_sweep.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("acb_sweep")
 
 
 def test_arms_and_curve():

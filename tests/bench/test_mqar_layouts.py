@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import random
 from pathlib import Path
 
 import pytest
+from bench_scripts import load_bench
 
 from nestlm.envs.mqar import KEYS, VALUES
 from nestlm.envs.tokenizer import get_tokenizer
@@ -15,10 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("mqar_layouts", ROOT / "bench" / "mqar_layouts.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("mqar_layouts")
 
 
 @pytest.mark.parametrize("layout", ["zoology", "dsl", "dsl-vk", "echo", "no-a", "brief", "prefix"])
