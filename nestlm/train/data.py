@@ -219,8 +219,9 @@ class SyntheticTrajectories(_StreamDataModule):
             prev = self._check_stage(prev, st, f".curriculum[{i}]" if curriculum else "")
             self.stages.append(prev)
         staged = sorted({e for st in self.stages for e in st["envs"]})
+        # a config layered on one with a curriculum (the default run's) would otherwise train on the
+        # stages' envs while it names others
         if curriculum and envs is not None and sorted(env_lib.parse_envs(envs, f"{name}.envs")) != staged:
-            # a config layered on one with a curriculum would otherwise train on the stages' envs
             raise ValueError(
                 f"{name}.envs={list(envs)} differs from the envs of its curriculum stages ({staged}): "
                 "expected curriculum: null to train on envs alone, or envs equal to the stages' envs"
