@@ -10,6 +10,7 @@ env's key and value syllables, loss on the queried values only, fresh random seq
     no-a      [Q] k3 v3 [E]: the trajectory layout without the `[A]` between key and value
     brief     the dsl briefing, then Zoology's bare queries k3 v3
     prefix    Zoology's layout after the briefing's opening `[P] mqar` (no `[/P]`)
+    dsl-open  the env's trajectory layout without the briefing's closing `[/P]`
 
     python bench/mqar_layouts.py --layout zoology --queries 8 --steps 3000 --schedule onecycle
 
@@ -36,12 +37,17 @@ from nestlm.envs.mqar import KEYS, VALUES
 from nestlm.envs.tokenizer import get_tokenizer
 from nestlm.models import HybridConfig, HybridLM, next_token_loss
 
-LAYOUTS = ("zoology", "dsl", "dsl-vk", "echo", "no-a", "brief", "prefix")
+LAYOUTS = ("zoology", "dsl", "dsl-vk", "echo", "no-a", "brief", "prefix", "dsl-open")
 RESULTS = Path(__file__).resolve().parent / "results" / "mqar_layouts"
 
 
-def make_sequence(rng: random.Random, layout: str, n_queries: int, n_pairs: int = 8) -> tuple[list[int], list[int]]:
-    """One sequence (token ids) and the positions whose next token is a queried value."""
+def make_sequence(
+    rng: random.Random, layout: str, n_queries: int, n_pairs: int = 8, order: str = "rounds"
+) -> tuple[list[int], list[int]]:
+    """One sequence (token ids) and the positions whose next token is a queried value.
+
+    order: "rounds" asks every key once per round (as the env did up to acb-1.1), "iid" draws each
+    query's key uniformly with replacement."""
     tok = get_tokenizer()
     tid = tok.token_to_id
     keys = rng.sample([tid(k) for k in KEYS], n_pairs)
@@ -51,12 +57,15 @@ def make_sequence(rng: random.Random, layout: str, n_queries: int, n_pairs: int 
         seq += [tid("[P]"), *tok.encode("mqar")]
     for k, v in zip(keys, vals):
         seq += [v, k] if layout == "dsl-vk" else [k, v]
-    if layout not in ("zoology", "prefix"):
+    if layout not in ("zoology", "prefix", "dsl-open"):
         seq.append(tid("[/P]"))
-    order: list[int] = []
+    left: list[int] = []
     for _ in range(n_queries):
-        order = order or rng.sample(range(n_pairs), n_pairs)  # queries in rounds, as the env asks them
-        i = order.pop()
+        if order == "iid":
+            i = rng.randrange(n_pairs)
+        else:
+            left = left or rng.sample(range(n_pairs), n_pairs)
+            i = left.pop()
         if layout in ("zoology", "brief", "prefix"):
             seq.append(keys[i])
         elif layout == "no-a":
@@ -72,9 +81,11 @@ def make_sequence(rng: random.Random, layout: str, n_queries: int, n_pairs: int 
     return seq, targets
 
 
-def make_batch(rng: random.Random, layout: str, n_queries: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+def make_batch(
+    rng: random.Random, layout: str, n_queries: int, batch: int, order: str = "rounds"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """ids [batch, T] and labels [batch, T] (the value at each query position, -100 elsewhere)."""
-    rows = [make_sequence(rng, layout, n_queries) for _ in range(batch)]
+    rows = [make_sequence(rng, layout, n_queries, order=order) for _ in range(batch)]
     t = max(len(s) for s, _ in rows) - 1
     ids = torch.zeros(batch, t, dtype=torch.long)
     labels = torch.full((batch, t), -100)
@@ -87,7 +98,8 @@ def make_batch(rng: random.Random, layout: str, n_queries: int, batch: int) -> t
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layout", choices=LAYOUTS, default="dsl")
-    ap.add_argument("--queries", type=int, default=8, help="queries per sequence (in rounds over the 8 keys)")
+    ap.add_argument("--queries", type=int, default=8, help="queries per sequence")
+    ap.add_argument("--order", choices=("rounds", "iid"), default="rounds", help="which key each query asks")
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -99,12 +111,13 @@ def main() -> None:
     ap.add_argument("--d-model", type=int, default=128)
     ap.add_argument("--rope-theta", type=float, default=10000.0)
     ap.add_argument("--every", type=int, default=250)
+    ap.add_argument("--seed", type=int, default=0, help="initialisation and training-data seed")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--name", default="", help="suffix of the results file")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    torch.manual_seed(0)
+    torch.manual_seed(a.seed)
     cfg = HybridConfig.preset(
         "transformer", "tiny", layers=a.layers.split(","), n_heads=a.heads, d_model=a.d_model, rope_theta=a.rope_theta
     )
@@ -119,12 +132,12 @@ def main() -> None:
             return (s + 1) / a.warmup if s < a.warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * (s - a.warmup) / span))
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-    rng = random.Random(0)
-    val_ids, val_labels = make_batch(random.Random(123), a.layout, a.queries, 256)
+    rng = random.Random(a.seed)
+    val_ids, val_labels = make_batch(random.Random(123), a.layout, a.queries, 256, a.order)
     load0, cpu0, t0 = os.getloadavg(), resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     curve = []
     for step in range(1, a.steps + 1):
-        ids, labels = make_batch(rng, a.layout, a.queries, a.batch)
+        ids, labels = make_batch(rng, a.layout, a.queries, a.batch, a.order)
         loss, _ = next_token_loss(model(ids).logits, labels)
         opt.zero_grad()
         loss.backward()

@@ -23,8 +23,9 @@ from collections.abc import Iterable
 from nestlm.envs import courier, ledger, mqar, shell
 from nestlm.envs.base import MAX_TRAIN_STEPS, SPLITS, Episode, Probe, final_window, name_pool
 
-# acb-1.1: levels and MQAR; level 3 of LEDGER / SHELL / COURIER reproduces acb-1.0's episodes exactly
-GENERATOR_VERSION = "acb-1.1"
+# acb-1.1: levels and MQAR; level 3 of LEDGER / SHELL / COURIER reproduces acb-1.0's episodes exactly.
+# acb-1.2: MQAR levels 1-3 in Zoology's bare layout, level 4 the trajectory format
+GENERATOR_VERSION = "acb-1.2"
 ENVS = {"ledger": ledger, "shell": shell, "courier": courier, "mqar": mqar}
 
 __all__ = [

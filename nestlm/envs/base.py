@@ -6,6 +6,10 @@ Format (one line per step, see docs/benchmark.md):
     [O] <observation> [A] <answer> [E]        an agent step
     [Q] <question> [A] <answer> [E]           a probe step (does not change the world)
 
+MQAR at levels 1-3 writes Zoology's bare layout instead: an unclosed briefing `[P] mqar k v ...` and
+steps `k v` (no tags), the layout in which a 2-layer attention model learns the task (see
+nestlm/envs/mqar.py).
+
 `Episode.tokens` is `<bos>` followed by the tokens of `Episode.text`; every span below indexes it.
 """
 
@@ -54,7 +58,8 @@ class Episode:
 
     steps        the text lines; steps[0] is the briefing, steps[1..n_steps] the agent steps
     step_spans   per step (start, answer_start, end) into `tokens`: the line, where its answer
-                 starts (after `[A]`), and its end (after `[E]`); the briefing has answer_start=end
+                 starts (after `[A]`), and its end (after `[E]`, or after the answer of a bare
+                 step); the briefing has answer_start=end
     """
 
     env: str
@@ -69,7 +74,8 @@ class Episode:
 
     @property
     def text(self) -> str:
-        return "".join(s + "\n" for s in self.steps)
+        # the tokenizer's canonical form: a newline after a closing tag, a space between bare steps
+        return "".join(s + ("\n" if s.endswith(("[E]", "[/P]")) else " ") for s in self.steps).rstrip(" ")
 
     @property
     def level(self) -> int:
@@ -191,27 +197,29 @@ class Writer:
         """Index the next line will have."""
         return len(self.lines)
 
-    def briefing(self, body: str) -> None:
+    def briefing(self, body: str, close: bool = True) -> None:
+        """Step 0: `[P] body [/P]`, or `[P] body` with close=False (Zoology's MQAR layout)."""
         assert not self.lines, "the briefing is step 0"
-        line = f"[P] {body} [/P]"
+        line = f"[P] {body} [/P]" if close else f"[P] {body}"
         start = len(self.tokens)
         self.tokens.extend(self.tok.encode(line))
         self.lines.append(line)
         self.spans.append((start, len(self.tokens), len(self.tokens)))
 
-    def add(self, tag: str, prompt: str, answer: str, probes: list[dict[str, Any]] = ()) -> None:
-        """Append `tag prompt [A] answer [E]`; each probe dict gives kind, lag, chance, extra and
-        optionally `last` (score only the last n answer tokens)."""
+    def add(self, tag: str | None, prompt: str, answer: str, probes: list[dict[str, Any]] = ()) -> None:
+        """Append `tag prompt [A] answer [E]`, or the bare `prompt answer` with tag=None; each probe
+        dict gives kind, lag, chance, extra and optionally `last` (score only the last n answer tokens)."""
         start = len(self.tokens)
-        self.tokens.extend(self.tok.encode(f"{tag} {prompt} [A]"))
+        self.tokens.extend(self.tok.encode(prompt if tag is None else f"{tag} {prompt} [A]"))
         a_start = len(self.tokens)
         ans = self.tok.encode(answer)
         self.tokens.extend(ans)
         a_end = len(self.tokens)
-        self.tokens.append(self.tok.token_to_id("[E]"))
+        if tag is not None:
+            self.tokens.append(self.tok.token_to_id("[E]"))
         self.spans.append((start, a_start, len(self.tokens)))
         step = len(self.lines)
-        self.lines.append(f"{tag} {prompt} [A] {answer} [E]")
+        self.lines.append(f"{prompt} {answer}" if tag is None else f"{tag} {prompt} [A] {answer} [E]")
         for p in probes:
             last = p.get("last")
             s = a_start if last is None else a_end - last

@@ -110,11 +110,11 @@ def _courier(ep: Episode) -> dict[int, dict[str, float]]:
 
 
 def _mqar(ep: Episode) -> dict[int, dict[str, float]]:
-    values = ep.steps[0].split()[2:-1][1::2]
+    values = [w for w in ep.steps[0].split()[2:] if w != "[/P]"][1::2]
     answers: list[str] = []
     out = {}
     for step, line in enumerate(ep.steps[1:], start=1):
-        _, _, ans = _parse(line)
+        ans = line.removesuffix(" [E]").split()[-1]  # `k v` or `[Q] k [A] v [E]`
         out[step] = {"uniform": _uniform(ans, values), "recent": _pick(ans, answers[-1] if answers else None)}
         answers.append(ans)
     return out

@@ -126,9 +126,9 @@ def _answer_done(answer: list[int], end_id: int):
 @torch.no_grad()
 def closed_loop(model, ep: Episode, max_answer_tokens: int = 12, device=None) -> int | None:
     """Run the episode with the model answering: the environment supplies each step's prompt (up to
-    and including `[A]`), the model decodes greedily until `[E]` (at most `max_answer_tokens`), and
-    its own tokens are fed back. Returns the first step whose answer differs from the environment's
-    correct one (None: no error in the episode).
+    and including `[A]`), the model decodes greedily until `[E]` (at most `max_answer_tokens`; a bare
+    step, as many tokens as its answer), and its own tokens are fed back. Returns the first step
+    whose answer differs from the environment's correct one (None: no error in the episode).
 
     Until the first error the model's answers equal the recorded ones, so the scripted continuation
     of the episode is exactly what the environment would produce; the run stops there.
@@ -139,8 +139,10 @@ def closed_loop(model, ep: Episode, max_answer_tokens: int = 12, device=None) ->
     for step in range(1, ep.n_steps + 1):
         _, a, e = ep.step_spans[step]
         answer = ep.tokens[a:e]
-        # the previous `[E]` and this step's prompt, then the answer; its last token is not fed yet
-        new, state = model.generate(ids[None, fed:a], max_answer_tokens, state=state, stop=_answer_done(answer, end_id))
+        # a bare step (Zoology's MQAR layout) has no `[E]` to stop at: decode exactly its answer's length
+        n_new = max_answer_tokens if answer[-1] == end_id else len(answer)
+        # the previous step's last token and this step's prompt, then the answer; its last token is not fed yet
+        new, state = model.generate(ids[None, fed:a], n_new, state=state, stop=_answer_done(answer, end_id))
         if new[0].tolist() != answer:
             return step
         fed = e - 1  # everything produced but the final `[E]` has been fed

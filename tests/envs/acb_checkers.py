@@ -180,7 +180,9 @@ def check_courier(lines: list[str]) -> dict[int, tuple[str, str, int]]:
 
 
 def check_mqar(lines: list[str]) -> dict[int, tuple[str, str, int]]:
-    words = _briefing(lines[0], "mqar")
+    bare = not lines[0].endswith("[/P]")  # Zoology's layout: `[P] mqar k v ...`, then `k v` steps
+    words = lines[0].split()[2:] if bare else _briefing(lines[0], "mqar")
+    assert lines[0].split()[:2] == ["[P]", "mqar"], lines[0]
     assert len(words) % 2 == 0
     value = dict(zip(words[0::2], words[1::2]))
     assert len(value) == len(words) // 2, "a key occurs twice in the briefing"
@@ -188,8 +190,12 @@ def check_mqar(lines: list[str]) -> dict[int, tuple[str, str, int]]:
     seen = dict.fromkeys(value, 0)
     out = {}
     for step, line in enumerate(lines[1:], start=1):
-        tag, w, ans = _split(line)
-        assert tag == "[Q]" and len(w) == 1, line
+        if bare:
+            *w, ans = line.split()
+        else:
+            tag, w, ans = _split(line)
+            assert tag == "[Q]", line
+        assert len(w) == 1 and w[0] in value, line
         out[step] = ("recall", value[w[0]], step - seen[w[0]])
         seen[w[0]] = step
     return out

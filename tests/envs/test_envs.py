@@ -18,7 +18,7 @@ from nestlm.envs import (
     parse_env,
     parse_envs,
 )
-from nestlm.envs.tokenizer import get_tokenizer
+from nestlm.envs.tokenizer import TAGS, get_tokenizer
 
 CASES = [
     (f"{env}:{level}", n, seed, split)
@@ -78,10 +78,13 @@ def test_episode_format_and_spans(env, n, seed, split):
         assert tok.decode(ep.tokens[s:e]).strip() == line
         if line.startswith("[P]"):
             continue
+        if ep.params.get("layout") == "zoology":  # a bare `k v` step: the answer follows the key
+            assert (a, e) == (s + 1, s + 2) and not set(tok.tokens(line)) & set(TAGS)
+            continue
         assert ep.tokens[a - 1] == tok.token_to_id("[A]") and ep.tokens[e - 1] == tok.token_to_id("[E]")
     for p in ep.probes:
         s, a, e = ep.step_spans[p.step]
-        assert a <= p.span[0] < p.span[1] == e - 1
+        assert a <= p.span[0] < p.span[1] == e - (ep.params.get("layout") != "zoology")  # before `[E]`
         assert ep.tokens[p.span[0] : p.span[1]] == p.answer_tokens and tok.decode(p.answer_tokens) == p.answer
         assert 1 <= p.lag <= p.step and 0 < p.chance < 1
     # the scored window (last 10%) always holds a probe, and the last step is one
@@ -178,11 +181,16 @@ def test_levels_get_harder():
     assert mean("mqar:1", lambda e: e.params["n_pairs"]) < mean("mqar:3", lambda e: e.params["n_pairs"])
 
 
-def test_mqar_pairs_and_rounds():
-    ep = generate_episode("mqar", 40, 3, "train")
+@pytest.mark.parametrize("env", ["mqar", "mqar:4"])
+def test_mqar_pairs_and_rounds(env):
+    ep = generate_episode(env, 40, 3, "train")
     n = ep.params["n_pairs"]
-    keys = [line.split()[1] for line in ep.steps[1:]]
+    bare = env == "mqar"
+    assert ep.params["layout"] == ("zoology" if bare else "trajectory")
+    assert ep.steps[0].endswith("[/P]") != bare and all(line.startswith("[Q]") != bare for line in ep.steps[1:])
+    keys = [line.split()[0 if bare else 1] for line in ep.steps[1:]]
+    briefed = ep.steps[0].split()[2 : None if bare else -1 : 2]
     for r in range(0, 40 - n + 1, n):  # each round asks every key once
-        assert sorted(keys[r : r + n]) == sorted(ep.steps[0].split()[2:-1:2])
+        assert sorted(keys[r : r + n]) == sorted(briefed)
     assert all(len(p.answer_tokens) == 1 and p.kind == "recall" for p in ep.probes)
     assert generate_episode("mqar", 40, 3, "test").text != ep.text

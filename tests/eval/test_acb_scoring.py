@@ -117,6 +117,14 @@ def test_first_error_and_closed_loop_agree():
     assert closed_loop(ScriptedModel(ep.tokens), ep) is None
 
 
+def test_closed_loop_on_bare_steps():
+    """Zoology's MQAR layout has no `[E]`: each answer is decoded to its own length."""
+    ep = generate_episode("mqar", 60, 2, "val")
+    _, a, _ = ep.step_spans[41]
+    assert closed_loop(ScriptedModel(ep.tokens), ep) is None
+    assert closed_loop(ScriptedModel(ep.tokens, wrong_at={a - 1}), ep) == 41
+
+
 def test_closed_loop_matches_teacher_forced_on_a_real_model():
     model = tiny_model()
     # a model that has learned nothing errs early; both paths must name the same step

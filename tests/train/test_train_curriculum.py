@@ -16,7 +16,7 @@ def answer_targets_from_text(ep) -> set[int]:
     """Target positions whose next token is a scored answer token, found from the text alone: the
     tokens after a probe step's `[A]` up to its `[E]` (only the direction of a COURIER `go`). A step
     is a probe when its answer is not `ok`/`wait`/`take X`/`drop X` (LEDGER `[O]` updates carry a
-    number), which the envs' docstrings define."""
+    number), which the envs' docstrings define; a bare MQAR step `k v` answers its last token."""
     tok = get_tokenizer()
     a_id, e_id = tok.token_to_id("[A]"), tok.token_to_id("[E]")
     out, pos = set(), 1  # after <bos>
@@ -33,6 +33,8 @@ def answer_targets_from_text(ep) -> set[int]:
                 else:
                     answer_pos = range(pos + a + 1, pos + a + 1 + len(answer))
                 out |= {p - 1 for p in answer_pos}  # the target at position p - 1 is token p
+        elif not line.startswith("[P]"):  # a bare MQAR step `k v`: the value is the answer
+            out.add(pos + len(ids) - 2)
         pos += len(ids)
     return out
 
