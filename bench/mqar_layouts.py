@@ -13,6 +13,7 @@ env's key and value syllables, loss on the queried values only, fresh random seq
     dsl-open  the env's trajectory layout without the briefing's closing `[/P]`
 
     python bench/mqar_layouts.py --layout zoology --queries 8 --steps 3000 --schedule onecycle
+    python bench/mqar_layouts.py --layout dsl --warm zoology:1000 --steps 2000   # a layout curriculum
 
 Prints validation accuracy (256 held-out sequences) every `--every` steps and writes the curve as JSON
 (bench/results/mqar_layouts/<layout>-<name>.json) with the settings, CPU time and load average.
@@ -112,10 +113,17 @@ def main() -> None:
     ap.add_argument("--rope-theta", type=float, default=10000.0)
     ap.add_argument("--every", type=int, default=250)
     ap.add_argument("--seed", type=int, default=0, help="initialisation and training-data seed")
+    ap.add_argument(
+        "--warm", default="", metavar="LAYOUT:STEPS", help="train the first STEPS of --steps on LAYOUT (a curriculum)"
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--name", default="", help="suffix of the results file")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
+    warm_layout, _, warm_steps = a.warm.partition(":")
+    if a.warm and (warm_layout not in LAYOUTS or not warm_steps.isdigit()):
+        ap.error(f"--warm {a.warm!r}: expected LAYOUT:STEPS with LAYOUT one of {', '.join(LAYOUTS)}")
+    warm_steps = int(warm_steps or 0)
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     cfg = HybridConfig.preset(
@@ -137,7 +145,8 @@ def main() -> None:
     load0, cpu0, t0 = os.getloadavg(), resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     curve = []
     for step in range(1, a.steps + 1):
-        ids, labels = make_batch(rng, a.layout, a.queries, a.batch, a.order)
+        layout = warm_layout if step <= warm_steps else a.layout
+        ids, labels = make_batch(rng, layout, a.queries, a.batch, a.order)
         loss, _ = next_token_loss(model(ids).logits, labels)
         opt.zero_grad()
         loss.backward()
@@ -151,12 +160,12 @@ def main() -> None:
             acc = (pred[mask] == val_labels[mask]).float().mean().item()
             curve.append({"step": step, "train_loss": round(loss.item(), 4), "val_acc": round(acc, 4)})
             took = time.perf_counter() - t0
-            print(f"{a.layout} step {step}: loss {loss.item():.3f}, val acc {acc:.3f}, {took:.0f} s", flush=True)
+            print(f"{a.layout} step {step} (training on {layout}): loss {loss.item():.3f}, val acc {acc:.3f}, {took:.0f} s", flush=True)
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     out = a.out or RESULTS / f"{a.layout}{'-' + a.name if a.name else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {
-        "settings": vars(a) | {"out": str(out)},
+        "settings": vars(a) | {"out": os.path.relpath(out, RESULTS.parents[2])},
         "curve": curve,
         "wall_s": round(time.perf_counter() - t0, 1),
         "cpu_s": round(cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime, 1),
