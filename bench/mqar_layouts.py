@@ -160,7 +160,8 @@ def main() -> None:
             acc = (pred[mask] == val_labels[mask]).float().mean().item()
             curve.append({"step": step, "train_loss": round(loss.item(), 4), "val_acc": round(acc, 4)})
             took = time.perf_counter() - t0
-            print(f"{a.layout} step {step} (training on {layout}): loss {loss.item():.3f}, val acc {acc:.3f}, {took:.0f} s", flush=True)
+            msg = f"{a.layout} step {step} (on {layout}): loss {loss.item():.3f}, val acc {acc:.3f}, {took:.0f} s"
+            print(msg, flush=True)
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     out = a.out or RESULTS / f"{a.layout}{'-' + a.name if a.name else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

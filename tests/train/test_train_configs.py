@@ -47,18 +47,22 @@ def test_default_config_is_a_tiny_preset_on_the_level_1_curriculum(capsys):
         ["trainer/ddp.yaml", "cluster/slurm.yaml", "experiment/hope-hybrid-125m-shards.yaml"],
         ["trainer/fsdp.yaml", "experiment/hope-hybrid-tiny-long.yaml"],
         ["experiment/samba-tiny-synthetic.yaml"],
+        ["experiment/mqar-zoology.yaml", "experiment/mqar-arms/attn2.yaml"],
+        ["experiment/mqar-zoology.yaml", "experiment/mqar-arms/mamba2.yaml"],
+        ["experiment/mqar-zoology.yaml", "experiment/mqar-arms/swa16.yaml"],
+        ["experiment/hope-ablation-mqar.yaml"],
     ],
 )
 def test_config_files_parse(capsys, files):
     argv = [a for f in files for a in ("--config", str(CONFIGS / f))]
     cfg = _print_config(capsys, *argv)
+    want: dict[tuple[str, str], tuple[str, object]] = {}  # a later file overrides an earlier one
     for f in files:
-        want = yaml.safe_load((CONFIGS / f).read_text())
-        for section, values in want.items():
+        for section, values in yaml.safe_load((CONFIGS / f).read_text()).items():
             if isinstance(values, dict) and "class_path" not in values and section != "data":
-                for k, v in values.items():
-                    if not isinstance(v, (dict, list)):
-                        assert cfg[section][k] == v, (f, section, k)
+                want |= {(section, k): (f, v) for k, v in values.items() if not isinstance(v, (dict, list))}
+    for (section, k), (f, v) in want.items():
+        assert cfg[section][k] == v, (f, section, k)
 
 
 def test_model_yaml_files_match_presets_and_load_by_path():
