@@ -1,4 +1,4 @@
-"""MQAR: multi-query associative recall (Zoology, Arora et al. 2023) in the trajectory format.
+"""MQAR: multi-query associative recall (Zoology, Arora et al. 2023), the benchmark's anchor env.
 
 Briefing: `[P] mqar ka ne bu zo ...`: `n_pairs` key-value pairs, each key and each value one token,
 keys and values drawn from disjoint syllable sets (as Zoology draws them from disjoint halves of the
@@ -8,10 +8,11 @@ vocabulary). Steps:
     [Q] ka [A] ne [E]                  the same query in the trajectory format (level 4, whose
                                        briefing is closed: `[P] mqar ka ne ... [/P]`)
 
-Levels 1-3 use Zoology's layout (queries written like the pairs, no tags): there the 2-layer attention
-model learns the task, while the trajectory format holds it on a plateau at ~0.37 (elimination among
-the briefing's values) for thousands of steps (bench/mqar_layouts.py, docs/results/acb-learnability.md).
-Level 4 keeps the trajectory format (the distribution of acb-1.1's level 1) for studying that plateau.
+Levels 1-3 use Zoology's layout (queries written like the pairs, no tags): there a 2-layer attention
+model learns the task, while from scratch the trajectory format holds it on a plateau at ~0.37 for
+thousands of steps; trained on the bare layout first, the same model then learns the trajectory format
+within a few hundred steps (bench/mqar_layouts.py, docs/results/acb-learnability.md). Level 4 keeps
+the trajectory format (the distribution of acb-1.1's level 1) for studying that plateau.
 
 Every step is a query (kind "recall", chance 1 / number of possible values). Keys are queried in
 rounds: each round is a random permutation of all keys, so the first round answers from the
