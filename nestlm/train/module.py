@@ -25,7 +25,7 @@ import yaml
 from torch.utils.checkpoint import checkpoint
 
 from nestlm.models import HybridConfig, HybridLM, next_token_loss
-from nestlm.models.loading import CARRY_KEY
+from nestlm.models.loading import CARRY_KEY, load_model
 from nestlm.models.state import State
 from nestlm.train.callbacks import check_finite_loss
 
@@ -122,6 +122,10 @@ class LitHybridLM(L.LightningModule):
             down to lr * min_lr_ratio at `decay_steps` (default: trainer.max_steps); stepped every step.
         compile_blocks: torch.compile each block separately (fast compile, graph breaks stay local).
         activation_checkpointing: recompute each block's activations in the backward pass.
+        init_weights: start a fresh fit from the weights of this export folder, .ckpt file or sharded
+            checkpoint (fine-tuning, or the second phase of a recipe); the optimizer, schedule and step
+            start from zero. Its model config must equal this one. Ignored when resuming (`--ckpt_path`),
+            whose checkpoint holds the weights.
     """
 
     def __init__(
@@ -139,6 +143,7 @@ class LitHybridLM(L.LightningModule):
         min_lr_ratio: float = 0.1,
         compile_blocks: bool = False,
         activation_checkpointing: bool = False,
+        init_weights: str | None = None,
     ) -> None:
         super().__init__()
         if warmup_steps < 0:
@@ -169,6 +174,19 @@ class LitHybridLM(L.LightningModule):
                 f"{type(dm).__name__}: the data's vocab_size is {vocab} but the model's is {self.cfg.vocab_size}; "
                 f"train a model with vocab_size >= {vocab} (e.g. --model.overrides '{{vocab_size: {vocab}}}')"
             )
+        resuming = self._trainer is not None and self.trainer.ckpt_path is not None
+        if stage == "fit" and self.hparams.init_weights is not None and not resuming:
+            self._load_init_weights(self.hparams.init_weights)
+
+    def _load_init_weights(self, path: str) -> None:
+        source, _ = load_model(path)
+        if source.config != self.cfg:
+            diff = sorted(k for k, v in vars(self.cfg).items() if getattr(source.config, k, None) != v)
+            raise ValueError(
+                f"LitHybridLM.init_weights={path!r} holds another model (config fields differ: {', '.join(diff)}); "
+                "expected the model this run trains"
+            )
+        self.model.load_state_dict(source.state_dict())
 
     # --- forward / loss -------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, state: State | None = None):

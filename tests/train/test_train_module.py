@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -104,3 +106,37 @@ def test_carried_state_survives_a_weights_only_checkpoint(tmp_path):
     a, b = module._carry.flat(), again._carry.flat()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert again._carry.meta["tokens_seen"] == 11
+
+
+def _attach(module: LitHybridLM, ckpt_path: str | None = None) -> LitHybridLM:
+    module._trainer = SimpleNamespace(ckpt_path=ckpt_path, datamodule=None)
+    return module
+
+
+def test_init_weights_starts_a_fresh_fit_from_an_export_or_a_checkpoint(tmp_path):
+    source = LitHybridLM(preset="transformer", overrides=TINY)
+    source.model.save_pretrained(tmp_path / "export")
+    torch.save({"state_dict": source.state_dict(), "nestlm_config": vars(source.cfg)}, tmp_path / "run.ckpt")
+    want = source.model.state_dict()
+    for path in (tmp_path / "export", tmp_path / "run.ckpt"):
+        module = _attach(LitHybridLM(preset="transformer", overrides=TINY, init_weights=str(path)))
+        assert not torch.equal(module.model.embed.weight, want["embed.weight"])  # a fresh init differs
+        module.setup("fit")
+        got = module.model.state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_init_weights_is_ignored_when_resuming_and_refuses_another_model(tmp_path):
+    LitHybridLM(preset="transformer", overrides=TINY).model.save_pretrained(tmp_path / "export")
+    module = _attach(LitHybridLM(preset="transformer", overrides=TINY, init_weights=str(tmp_path / "export")), "last")
+    before = {k: v.clone() for k, v in module.model.state_dict().items()}
+    module.setup("fit")  # the resumed checkpoint brings the weights
+    assert all(torch.equal(before[k], v) for k, v in module.model.state_dict().items())
+    wider = _attach(
+        LitHybridLM(preset="transformer", overrides={**TINY, "d_model": 48}, init_weights=str(tmp_path / "export"))
+    )
+    with pytest.raises(ValueError, match=r"init_weights=.*another model.*d_model"):
+        wider.setup("fit")
+    missing = _attach(LitHybridLM(preset="transformer", overrides=TINY, init_weights=str(tmp_path / "nothing")))
+    with pytest.raises(FileNotFoundError, match="nothing"):
+        missing.setup("fit")
