@@ -11,6 +11,8 @@ env's key and value syllables, loss on the queried values only, fresh random seq
     brief     the dsl briefing, then Zoology's bare queries k3 v3
     prefix    Zoology's layout after the briefing's opening `[P] mqar` (no `[/P]`)
     dsl-open  the env's trajectory layout without the briefing's closing `[/P]`
+    brief-even  `brief` with one more token after `[/P]` (`[/P] [E]`): queries at the pairs' parity
+    prefix-odd  `prefix` with one token between the pairs and the queries (`ok`), no boundary tag
 
     python bench/mqar_layouts.py --layout zoology --queries 8 --steps 3000 --schedule onecycle
     python bench/mqar_layouts.py --layout dsl --warm zoology:1000 --steps 2000   # a layout curriculum
@@ -38,7 +40,8 @@ from nestlm.envs.mqar import KEYS, VALUES
 from nestlm.envs.tokenizer import get_tokenizer
 from nestlm.models import HybridConfig, HybridLM, next_token_loss
 
-LAYOUTS = ("zoology", "dsl", "dsl-vk", "echo", "no-a", "brief", "prefix", "dsl-open")
+LAYOUTS = ("zoology", "dsl", "dsl-vk", "echo", "no-a", "brief", "prefix", "dsl-open", "brief-even", "prefix-odd")
+BARE_QUERIES = ("zoology", "brief", "prefix", "brief-even", "prefix-odd")
 RESULTS = Path(__file__).resolve().parent / "results" / "mqar_layouts"
 
 
@@ -58,8 +61,12 @@ def make_sequence(
         seq += [tid("[P]"), *tok.encode("mqar")]
     for k, v in zip(keys, vals):
         seq += [v, k] if layout == "dsl-vk" else [k, v]
-    if layout not in ("zoology", "prefix", "dsl-open"):
+    if layout not in ("zoology", "prefix", "dsl-open", "prefix-odd"):
         seq.append(tid("[/P]"))
+    if layout == "brief-even":
+        seq.append(tid("[E]"))
+    if layout == "prefix-odd":
+        seq.append(tid("ok"))
     left: list[int] = []
     for _ in range(n_queries):
         if order == "iid":
@@ -67,7 +74,7 @@ def make_sequence(
         else:
             left = left or rng.sample(range(n_pairs), n_pairs)
             i = left.pop()
-        if layout in ("zoology", "brief", "prefix"):
+        if layout in BARE_QUERIES:
             seq.append(keys[i])
         elif layout == "no-a":
             seq += [tid("[Q]"), keys[i]]
@@ -77,7 +84,7 @@ def make_sequence(
             seq += [tid("[Q]"), keys[i], tid("[A]")]
         targets.append(len(seq) - 1)
         seq.append(vals[i])
-        if layout not in ("zoology", "brief", "prefix"):
+        if layout not in BARE_QUERIES:
             seq.append(tid("[E]"))
     return seq, targets
 
