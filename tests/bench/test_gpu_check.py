@@ -173,7 +173,17 @@ def test_run_command_kills_the_whole_group_after_the_timeout(tmp_path, monkeypat
     assert took < 1.5 + 2 * gc.KILL_GRACE_S + 2
     log_text = (tmp_path / "log").read_text()
     assert "started" in log_text and "killed after" in log_text
-    assert not running(int(pid_file.read_text()))
+    assert gone_soon(int(pid_file.read_text()))
+
+
+def gone_soon(pid: int, within_s: float = 3.0) -> bool:
+    # SIGKILL is delivered asynchronously: on a loaded machine the child can still be exiting
+    end = time.monotonic() + within_s
+    while running(pid):
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def running(pid: int) -> bool:

@@ -30,7 +30,7 @@ def test_default_config_is_a_tiny_preset_on_the_level_1_curriculum(capsys):
     assert cfg["model"]["size"] == "tiny"
     assert cfg["data"]["class_path"].endswith("SyntheticTrajectories")
     data = cfg["data"]["init_args"]
-    assert data["loss"] == "answers" and len(data["curriculum"]) >= 2
+    assert data["loss"] == "weighted" and 0 < data["other_weight"] < 1 and len(data["curriculum"]) >= 2
     assert data["curriculum"][0]["envs"] == ["ledger:1"]
     assert all(env.endswith(":1") for stage in data["curriculum"] for env in stage["envs"])
     ck = [c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("RunCheckpoint")]
@@ -51,6 +51,7 @@ def test_default_config_is_a_tiny_preset_on_the_level_1_curriculum(capsys):
         ["experiment/mqar-zoology.yaml", "experiment/mqar-arms/mamba2.yaml"],
         ["experiment/mqar-zoology.yaml", "experiment/mqar-arms/swa16.yaml"],
         ["experiment/hope-ablation-mqar.yaml"],
+        ["experiment/level1-weighted.yaml"],
     ],
 )
 def test_config_files_parse(capsys, files):
