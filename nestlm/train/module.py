@@ -25,7 +25,7 @@ import yaml
 from torch.utils.checkpoint import checkpoint
 
 from nestlm.models import HybridConfig, HybridLM, next_token_loss
-from nestlm.models.loading import CARRY_KEY, load_model
+from nestlm.models.loading import CARRY_KEY, CheckpointError, load_model
 from nestlm.models.state import State
 from nestlm.train.callbacks import check_finite_loss
 
@@ -179,7 +179,10 @@ class LitHybridLM(L.LightningModule):
             self._load_init_weights(self.hparams.init_weights)
 
     def _load_init_weights(self, path: str) -> None:
-        source, _ = load_model(path)
+        try:
+            source, _ = load_model(path)
+        except (OSError, CheckpointError) as e:
+            raise type(e)(f"LitHybridLM.init_weights: {e}") from None
         if source.config != self.cfg:
             diff = sorted(k for k, v in vars(self.cfg).items() if getattr(source.config, k, None) != v)
             raise ValueError(

@@ -138,5 +138,5 @@ def test_init_weights_is_ignored_when_resuming_and_refuses_another_model(tmp_pat
     with pytest.raises(ValueError, match=r"init_weights=.*another model.*d_model"):
         wider.setup("fit")
     missing = _attach(LitHybridLM(preset="transformer", overrides=TINY, init_weights=str(tmp_path / "nothing")))
-    with pytest.raises(FileNotFoundError, match="nothing"):
+    with pytest.raises(FileNotFoundError, match="init_weights: .*nothing"):
         missing.setup("fit")
