@@ -42,6 +42,7 @@ from nestlm.models import HybridConfig, HybridLM, next_token_loss
 
 LAYOUTS = ("zoology", "dsl", "dsl-vk", "echo", "no-a", "brief", "prefix", "dsl-open", "brief-even", "prefix-odd")
 BARE_QUERIES = ("zoology", "brief", "prefix", "brief-even", "prefix-odd")
+OPEN_BRIEFING = ("zoology", "prefix", "dsl-open", "prefix-odd")  # no closing `[/P]`
 RESULTS = Path(__file__).resolve().parent / "results" / "mqar_layouts"
 
 
@@ -61,7 +62,7 @@ def make_sequence(
         seq += [tid("[P]"), *tok.encode("mqar")]
     for k, v in zip(keys, vals):
         seq += [v, k] if layout == "dsl-vk" else [k, v]
-    if layout not in ("zoology", "prefix", "dsl-open", "prefix-odd"):
+    if layout not in OPEN_BRIEFING:
         seq.append(tid("[/P]"))
     if layout == "brief-even":
         seq.append(tid("[E]"))

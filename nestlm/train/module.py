@@ -184,7 +184,7 @@ class LitHybridLM(L.LightningModule):
         except (OSError, CheckpointError) as e:
             raise type(e)(f"LitHybridLM.init_weights: {e}") from None
         if source.config != self.cfg:
-            diff = sorted(k for k, v in vars(self.cfg).items() if getattr(source.config, k, None) != v)
+            diff = sorted(k for k, v in vars(self.cfg).items() if getattr(source.config, k) != v)
             raise ValueError(
                 f"LitHybridLM.init_weights={path!r} holds another model (config fields differ: {', '.join(diff)}); "
                 "expected the model this run trains"

@@ -27,7 +27,7 @@ def test_queries_ask_the_briefing_pairs(layout):
     brief = [t for t in seq[: targets[0]] if t in keys or t in values][:16]
     pairs = dict(zip(brief[1::2], brief[0::2])) if layout == "dsl-vk" else dict(zip(brief[0::2], brief[1::2]))
     assert len(pairs) == 8 and len(targets) == 11
-    assert (tok.token_to_id("[/P]") in seq) == (layout not in ("zoology", "prefix", "dsl-open", "prefix-odd"))
+    assert (tok.token_to_id("[/P]") in seq) == (layout not in mod.OPEN_BRIEFING)
     for j in targets:
         key = seq[j] if layout in ("echo", "no-a", *mod.BARE_QUERIES) else seq[j - 1]
         assert seq[j + 1] == pairs[key], (layout, j)
