@@ -132,6 +132,9 @@ def main() -> None:
     if a.warm and (warm_layout not in LAYOUTS or not warm_steps.isdigit()):
         ap.error(f"--warm {a.warm!r}: expected LAYOUT:STEPS with LAYOUT one of {', '.join(LAYOUTS)}")
     warm_steps = int(warm_steps or 0)
+    out = a.out or RESULTS / f"{a.layout}{'-' + a.name if a.name else ''}.json"
+    if out.is_dir():  # found before training, not after it
+        ap.error(f"--out {out}: is a directory, expected the path of the JSON file to write")
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     cfg = HybridConfig.preset(
@@ -171,7 +174,6 @@ def main() -> None:
             msg = f"{a.layout} step {step} (on {layout}): loss {loss.item():.3f}, val acc {acc:.3f}, {took:.0f} s"
             print(msg, flush=True)
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
-    out = a.out or RESULTS / f"{a.layout}{'-' + a.name if a.name else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "settings": vars(a) | {"out": os.path.relpath(out, RESULTS.parents[2])},

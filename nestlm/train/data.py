@@ -111,7 +111,7 @@ class _StreamDataModule(L.LightningDataModule):
         full = self._cache[1]
         sl = slice(s * self.segment_len, (s + 1) * self.segment_len)
         out = {k: v[:, sl] for k, v in full.items()}
-        out["reset"] = torch.full((self.batch_size,), s == 0, dtype=torch.bool)
+        out["reset"] = torch.full((len(full["input_ids"]),), s == 0, dtype=torch.bool)
         return out
 
     def _start_index(self) -> int:
@@ -135,7 +135,7 @@ def _stack(rows: Sequence[tuple[np.ndarray, ...]], keys: Sequence[str] = ("input
 
 
 LOSSES = ("answers", "all", "weighted")
-STAGE_KEYS = {"envs", "min_steps", "max_steps", "until_step", "gate"}
+STAGE_KEYS = {"envs", "min_steps", "max_steps", "seq_len", "batch_size", "until_step", "gate"}
 GATE_KEYS = {"min_accuracy", "every", "episodes"}
 
 
@@ -171,12 +171,15 @@ class SyntheticTrajectories(_StreamDataModule):
     token belongs to, -1 elsewhere) and `loss_weight` [B, T] from `loss` (`answers`: answer tokens
     only; `all`: every token; `weighted`: answer tokens 1, the others `other_weight`).
 
-    `curriculum`: a list of stages, each a dict overriding `envs` / `min_steps` / `max_steps`, ended by
-    `until_step: N` (the optimizer step where the next stage starts) and/or `gate: {min_accuracy,
-    every, episodes}` (every `every` steps the model answers `episodes` val episodes of the stage; at
-    or above `min_accuracy` the next stage starts two steps later, so batches already fetched keep
-    their stage). The last stage has no end. Batch k stays a pure function of (seed, k, rank, stage);
-    the gates' decisions are part of the checkpoint (`state_dict`).
+    `curriculum`: a list of stages, each a dict overriding `envs` / `min_steps` / `max_steps` /
+    `seq_len` / `batch_size` (a stage's values carry over to the next), ended by `until_step: N` (the
+    optimizer step where the next stage starts) and/or `gate: {min_accuracy, every, episodes}` (every
+    `every` steps the model answers `episodes` val episodes of the stage; at or above `min_accuracy`
+    the next stage starts two steps later, so batches already fetched keep their stage). The last
+    stage has no end. Batch k stays a pure function of (seed, k, rank, stage); the gates' decisions
+    are part of the checkpoint (`state_dict`). A stage's `seq_len` is at most the top-level one,
+    which stays the trained context that evaluation reads (a length curriculum: short episodes in
+    short rows first, then episodes as long as the scored ones).
 
     Validation: whole `val_split` episodes (`val_batches_n` batches per env named anywhere in the
     run, lengths from `min_steps..max_steps` of the last stage), so every probe is scored.
@@ -209,6 +212,8 @@ class SyntheticTrajectories(_StreamDataModule):
             "envs": list(envs) if envs is not None else list(DEFAULT_ENVS),
             "min_steps": min_steps,
             "max_steps": max_steps,
+            "seq_len": seq_len,
+            "batch_size": batch_size,
         }
         self.stages: list[dict[str, Any]] = []
         for i, st in enumerate(curriculum or [{}]):
@@ -216,7 +221,13 @@ class SyntheticTrajectories(_StreamDataModule):
                 raise ValueError(
                     f"{name}.curriculum[{i}]={st!r} is invalid: expected a mapping with keys from {sorted(STAGE_KEYS)}"
                 )
-            prev = self._check_stage(prev, st, f".curriculum[{i}]" if curriculum else "")
+            prev = self._check_stage(prev, st, f".curriculum[{i}]" if curriculum else "", seq_len)
+            # a segment's optimizer step is found from a fixed number of segments per window
+            if segment_len is not None and prev["seq_len"] != seq_len:
+                raise ValueError(
+                    f"{name}.curriculum[{i}].seq_len={prev['seq_len']} is invalid with segment_len: "
+                    f"expected the top-level seq_len={seq_len}"
+                )
             self.stages.append(prev)
         staged = sorted({e for st in self.stages for e in st["envs"]})
         # a config layered on one with a curriculum (the default run's) would otherwise train on the
@@ -239,9 +250,14 @@ class SyntheticTrajectories(_StreamDataModule):
         self.pad_id, self.vocab_size = tok.pad_id, tok.vocab_size
 
     @staticmethod
-    def _check_stage(prev: dict[str, Any], st: dict[str, Any], where: str) -> dict[str, Any]:
-        out = {"envs": prev["envs"], "min_steps": prev["min_steps"], "max_steps": prev["max_steps"], **st}
+    def _check_stage(prev: dict[str, Any], st: dict[str, Any], where: str, max_seq_len: int) -> dict[str, Any]:
+        out = {k: v for k, v in prev.items() if k not in ("until_step", "gate")} | st
         field = f"SyntheticTrajectories{where}"
+        for key, most in (("seq_len", max_seq_len), ("batch_size", None)):
+            v = out[key]
+            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= (most or v):
+                bound = f"an int in [1, {most}] (at most the top-level {key})" if most else "an int >= 1"
+                raise ValueError(f"{field}.{key}={v!r} is invalid: expected {bound}")
         out["envs"] = env_lib.parse_envs(out["envs"], f"{field}.envs")
         lo, hi = out["min_steps"], out["max_steps"]
         if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi <= env_lib.MAX_TRAIN_STEPS):
@@ -356,7 +372,7 @@ class SyntheticTrajectories(_StreamDataModule):
     def window_batch(self, index: int, rank: int) -> dict[str, torch.Tensor]:
         rng = batch_rng(self.seed, index, rank)
         stage = self.stages[self.window_stage(index)]
-        return self._episode_batch(self.episode_specs(rng, stage, self.batch_size), self.split, self.seq_len)
+        return self._episode_batch(self.episode_specs(rng, stage, stage["batch_size"]), self.split, stage["seq_len"])
 
     def val_envs(self) -> list[str]:
         return list(dict.fromkeys(e for st in self.stages for e in st["envs"]))
@@ -381,11 +397,11 @@ class SyntheticTrajectories(_StreamDataModule):
         counts: dict[str, int] = {}
         for stage in self.stages:
             for index in range(n_windows):
-                specs = self.episode_specs(batch_rng(self.seed, index, 0), stage, self.batch_size)
+                specs = self.episode_specs(batch_rng(self.seed, index, 0), stage, stage["batch_size"])
                 for env, n, seed in specs:
                     ep = env_lib.generate_episode(env, n, seed, self.split)
                     for p in ep.probes:
-                        if p.span[0] - 1 < self.seq_len:
+                        if p.span[0] - 1 < stage["seq_len"]:
                             counts[lag_bucket(p.lag)] = counts.get(lag_bucket(p.lag), 0) + 1
         return counts
 

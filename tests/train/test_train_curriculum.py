@@ -134,6 +134,45 @@ def test_curriculum_batches_are_pure_functions_of_seed_index_and_stage():
     assert torch.equal(torch.cat([b["answer"] for b in w0], 1), full["answer"])
 
 
+def test_length_curriculum_sets_each_stage_rows_and_batch():
+    """Stages may train shorter rows and other batch sizes (short episodes in short rows first); the
+    values carry over to later stages and the top-level seq_len stays the trained context."""
+    stages = [
+        {"max_steps": 8, "seq_len": 64, "batch_size": 6, "until_step": 3},
+        {"min_steps": 12, "max_steps": 16, "until_step": 5},
+        {"seq_len": 256, "batch_size": 2},
+    ]
+    dm = SyntheticTrajectories(envs=["ledger:1"], batch_size=4, seq_len=256, min_steps=4, curriculum=stages, seed=1)
+    shapes = [tuple(dm.train_batch(k)["input_ids"].shape) for k in (0, 2, 3, 4, 5)]
+    assert shapes == [(6, 64), (6, 64), (6, 64), (6, 64), (2, 256)]
+    assert dm.seq_len == 256
+    # the rows of a stage are its episodes cut to the stage's seq_len, labels masked past the end
+    b = dm.train_batch(0)
+    assert (b["labels"][b["input_ids"] == dm.pad_id] == IGNORE).all()
+    tok = get_tokenizer()
+    for row in dm.train_batch(5)["input_ids"]:  # 12-16 steps: longer than 64 tokens, cut at 256 at most
+        assert len(tok.decode(row.tolist()).split("[E]")) - 1 >= 12
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (
+            {"curriculum": [{"seq_len": 512, "until_step": 2}, {}]},
+            r"curriculum\[0\]\.seq_len=512 .*at most the top-level",
+        ),
+        ({"curriculum": [{"batch_size": 0}]}, r"curriculum\[0\]\.batch_size=0 is invalid"),
+        (
+            {"segment_len": 64, "curriculum": [{"seq_len": 128, "until_step": 2}, {}]},
+            r"curriculum\[0\]\.seq_len=128 is invalid with segment_len",
+        ),
+    ],
+)
+def test_stage_rows_errors_name_the_field(kw, match):
+    with pytest.raises(ValueError, match=match):
+        SyntheticTrajectories(seq_len=256, **kw)
+
+
 @pytest.mark.parametrize(
     "curriculum, match",
     [
