@@ -50,6 +50,7 @@ def test_default_config_is_a_tiny_preset_on_the_level_1_curriculum(capsys):
         ["experiment/mqar-zoology.yaml", "experiment/mqar-arms/attn2.yaml"],
         ["experiment/mqar-zoology.yaml", "experiment/mqar-arms/mamba2.yaml"],
         ["experiment/mqar-zoology.yaml", "experiment/mqar-arms/swa16.yaml"],
+        ["experiment/mqar-zoology.yaml", "experiment/mqar-arms/attn2.yaml", "experiment/mqar-layout-curriculum.yaml"],
         ["experiment/hope-ablation-mqar.yaml"],
         ["experiment/level1-weighted.yaml"],
         ["experiment/level1-length.yaml"],
