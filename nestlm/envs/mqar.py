@@ -10,9 +10,9 @@ vocabulary). Steps:
 
 Levels 1-3 use Zoology's layout (queries written like the pairs, no tags): there a 2-layer attention
 model learns the task, while from scratch the trajectory format holds it on a plateau at ~0.37 for
-thousands of steps; in bench/mqar_layouts.py, trained on the bare layout first, the same model then
-learns the trajectory format within a few hundred steps (not yet through a `nestlm fit` curriculum;
-docs/results/acb-learnability.md). Level 4 keeps
+thousands of steps; trained on the bare layout first, the same model then learns the trajectory
+format within a few hundred steps (bench/mqar_layouts.py --warm, and through `nestlm fit` with
+configs/experiment/mqar-layout-curriculum.yaml: 0.948; docs/results/acb-learnability.md). Level 4 keeps
 the trajectory format (the distribution of acb-1.1's level 1) for studying that plateau.
 
 Every step is a query (kind "recall", chance 1 / number of possible values). Keys are queried in
