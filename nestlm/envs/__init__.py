@@ -25,7 +25,8 @@ from nestlm.envs.base import MAX_TRAIN_STEPS, SPLITS, Episode, Probe, final_wind
 
 # acb-1.1: levels and MQAR; level 3 of LEDGER / SHELL / COURIER reproduces acb-1.0's episodes exactly.
 # acb-1.2: MQAR levels 1-3 in Zoology's bare layout, level 4 the trajectory format
-GENERATOR_VERSION = "acb-1.2"
+# acb-1.3: LEDGER level 1 with one-token names and answers (one-syllable names, balances mod 10)
+GENERATOR_VERSION = "acb-1.3"
 ENVS = {"ledger": ledger, "shell": shell, "courier": courier, "mqar": mqar}
 
 __all__ = [

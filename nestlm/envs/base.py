@@ -86,14 +86,19 @@ class Episode:
         return (len(self.tokens) - 1) / max(1, self.n_steps + 1)
 
 
-def name_pool(split: str) -> list[str]:
-    """Two-syllable names (consonant-vowel-consonant-vowel) of a split; the pools are disjoint.
+def name_pool(split: str, syllables: int = 2) -> list[str]:
+    """Names of a split, two syllables (consonant-vowel-consonant-vowel, two tokens) or one (one
+    token); the pools of the two splits are disjoint.
 
-    About a fifth of all combinations is held out for the test split, chosen by a fixed hash, so
-    every syllable occurs in both pools but no test name occurs in training.
+    About a fifth of all names is held out for the test split, chosen by a fixed hash, so every
+    syllable of a two-syllable test name also occurs in training but no test name does.
     """
+    if syllables not in (1, 2):
+        raise ValueError(f"syllables={syllables!r} is invalid: expected 1 or 2")
     split = param_split(split)
-    names = [a + b for a in SYLLABLES for b in SYLLABLES if a + b not in KEYWORDS]
+    names = [x for x in SYLLABLES if x not in KEYWORDS]
+    if syllables == 2:
+        names = [a + b for a in SYLLABLES for b in SYLLABLES if a + b not in KEYWORDS]
     test = [n for n in names if zlib.crc32(n.encode()) % 5 == 0]
     if split == "test":
         return test

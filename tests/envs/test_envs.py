@@ -18,7 +18,7 @@ from nestlm.envs import (
     parse_env,
     parse_envs,
 )
-from nestlm.envs.tokenizer import TAGS, get_tokenizer
+from nestlm.envs.tokenizer import KEYWORDS, TAGS, get_tokenizer
 
 CASES = [
     (f"{env}:{level}", n, seed, split)
@@ -56,6 +56,23 @@ def test_name_pools_disjoint_and_composed_of_seen_syllables():
     assert train.isdisjoint(test) and len(test) > 500 and len(train) > 2000
     train_tokens = {t for n in train for t in tok.encode(n)}
     assert all(t in train_tokens for n in test for t in tok.encode(n))
+    # one-syllable names are one token each, with their own held-out fifth
+    train1, test1 = set(name_pool("train", 1)), set(name_pool("test", 1))
+    assert train1.isdisjoint(test1) and len(test1) >= 14 and len(train1) >= 50
+    assert all(len(tok.encode(n)) == 1 for n in train1 | test1)
+    with pytest.raises(ValueError, match="syllables=3"):
+        name_pool("train", 3)
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_ledger_level1_keys_and_answers_are_one_token(split):
+    # level 1 is MQAR-like: one-token account and code names, one-digit balances and codes
+    pool = set(name_pool(split, 1))
+    for seed in range(20):
+        ep = generate_episode("ledger:1", 40, seed, split)
+        assert all(len(p.answer_tokens) == 1 and p.chance == 0.1 for p in ep.probes)
+        names = {w for line in ep.steps for w in line.split() if w.isalpha() and w not in KEYWORDS}
+        assert names and names <= pool
 
 
 @pytest.mark.parametrize("env", list(ENVS))
