@@ -96,9 +96,8 @@ def name_pool(split: str, syllables: int = 2) -> list[str]:
     if syllables not in (1, 2):
         raise ValueError(f"syllables={syllables!r} is invalid: expected 1 or 2")
     split = param_split(split)
-    names = [x for x in SYLLABLES if x not in KEYWORDS]
-    if syllables == 2:
-        names = [a + b for a in SYLLABLES for b in SYLLABLES if a + b not in KEYWORDS]
+    words = SYLLABLES if syllables == 1 else [a + b for a in SYLLABLES for b in SYLLABLES]
+    names = [n for n in words if n not in KEYWORDS]
     test = [n for n in names if zlib.crc32(n.encode()) % 5 == 0]
     if split == "test":
         return test
